@@ -60,7 +60,8 @@ class TimestepEmbedder(nn.Module):
         return emb  # (N, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D); a no-op cast in fp32
 
 
 class LabelEmbedder(nn.Module):
