@@ -1,0 +1,144 @@
+"""Gflops of one forward pass of one image, in the DiT paper's convention.
+
+The paper counts one multiply-add as one flop, which is fvcore's convention; the
+result is cross-checked against PyTorch's own ``FlopCounterMode`` (which counts two
+flops per multiply-add; we halve it).
+
+fvcore has no handler for ``aten::scaled_dot_product_attention`` and would count it as
+zero (DiT-XL/2 would read 114.5 instead of 118.6), so a handler is registered here, in
+fvcore's table, rather than by switching the fused attention off. Any other op fvcore
+cannot count raises ``UncountedOp`` unless it is in ``FREE_OPS``: an op silently counted
+as zero is the bug this module exists to prevent.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models.dit import DiT
+from . import register_measure
+
+
+class UncountedOp(RuntimeError):
+    """The model ran an op that neither fvcore nor ablate knows how to count."""
+
+
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """q (..., L, E), k (..., S, E), v (..., S, Ev): L*S*E for q.k^T plus L*S*Ev for attn.v."""
+    q, k, v = (get_shape(i) for i in inputs[:3])
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    L, E = q[-2], q[-1]
+    S, Ev = k[-2], v[-1]
+    return batch * L * S * (E + Ev)
+
+
+# fvcore's handler table, extended (fvcore: ``FlopCountAnalysis.set_op_handle``).
+OP_HANDLES = {"aten::scaled_dot_product_attention": sdpa_flop_jit}
+
+# Ops that cost no multiply-adds in the paper's convention: elementwise arithmetic and
+# activations, lookups, shape changes. fvcore skips them (with a warning); we skip them
+# knowingly, and anything outside this set is an error.
+FREE_OPS = frozenset(
+    "aten::" + op
+    for op in """add add_ sub rsub mul mul_ div neg exp log cos sin sqrt rsqrt pow tanh sigmoid
+    silu gelu relu softmax log_softmax dropout embedding where lt gt ge le eq ne rand
+    rand_like randn randn_like zeros zeros_like ones ones_like full_like arange fill_ copy_
+    clone contiguous to type_as expand expand_as reshape view flatten unflatten transpose
+    permute squeeze unsqueeze cat stack chunk split unbind select slice narrow index
+    index_select einsum_reshape detach float mean sum""".split()
+)
+
+
+def _example_inputs(model: nn.Module, batch: int = 1, device="cpu", dtype=torch.float32):
+    size = model.x_embedder.num_patches ** 0.5 * model.patch_size
+    x = torch.randn(batch, model.in_channels, int(size), int(size), device=device, dtype=dtype)
+    t = torch.full((batch,), 500, dtype=torch.long, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    return x, t, y
+
+
+def fvcore_count(model: nn.Module, inputs: tuple) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Multiply-adds in total, per module and per op, with ablate's handlers; raises
+    UncountedOp for an op that is neither counted nor known to be free."""
+    fa = FlopCountAnalysis(model, inputs).set_op_handle(**OP_HANDLES)
+    fa.unsupported_ops_warnings(False)
+    fa.uncalled_modules_warnings(False)
+    total = fa.total()
+    unknown = sorted(set(fa.unsupported_ops()) - FREE_OPS)
+    if unknown:
+        raise UncountedOp(f"fvcore cannot count {', '.join(unknown)}: register a handler in "
+                          "ablate.measure.flops.OP_HANDLES or, if it is free, add it to FREE_OPS")
+    return total, dict(fa.by_module()), dict(fa.by_operator())
+
+
+def torch_count(model: nn.Module, inputs: tuple) -> tuple[int, dict[str, int]]:
+    """Multiply-adds by PyTorch's FlopCounterMode, in total and per module (fvcore's module
+    names), attention forced onto the math backend (FlopCounterMode has no formula for the
+    fused CPU kernel and would count it as zero)."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(*inputs)
+    root = type(model).__name__
+    per_module = {name.removeprefix(root).lstrip("."): sum(ops.values()) // 2
+                  for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops() // 2, per_module
+
+
+def _build(model_kwargs: dict, device: str, **override) -> nn.Module:
+    """A DiT for counting: on meta (no storage, instant) or on the CPU with zeroed weights
+    (counting needs shapes, not values; zeros avoid slow denormals in uninitialised memory)."""
+    with torch.device("meta"):
+        model = DiT(**{**model_kwargs, **override}).eval()
+    if device != "meta":
+        model = model.to_empty(device=device)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+    return model
+
+
+@torch.no_grad()
+def count_flops(model_kwargs: dict, *, exact: bool = False) -> dict[str, float]:
+    """Gflops (multiply-adds, one image, one forward) of ``DiT(**model_kwargs)`` by fvcore
+    and by PyTorch's counter, and the attention's share of fvcore's count.
+
+    Both counters run the model op by op (fvcore traces it for real, about 10 s for
+    DiT-XL/2 on a CPU). The blocks of a DiT are identical, so the count is affine in depth:
+    by default each counter runs the model cut to 2 blocks, and the cost of the second
+    block is extended to the full depth, which is exact (a test compares it with the full
+    trace). ``exact=True`` runs the full-depth model.
+    """
+    depth = model_kwargs.get("depth", 28)
+    d = depth if exact else min(depth, 2)
+    model = _build(model_kwargs, "cpu", depth=d)
+    fv_total, by_module, by_op = fvcore_count(model, _example_inputs(model))
+    meta = _build(model_kwargs, "meta", depth=d)
+    pt_total, pt_by_module = torch_count(meta, _example_inputs(meta, device="meta"))
+    extra = depth - d  # blocks not run, each costing what the last one run costs
+    last = f"blocks.{d - 1}"
+    fv_total += extra * by_module[last]
+    pt_total += extra * pt_by_module[last]
+    attn_per_block = by_op.get("scaled_dot_product_attention", 0) + by_op.get("matmul", 0)
+    return {
+        "gflops": fv_total / 1e9,
+        "gflops_torch": pt_total / 1e9,
+        "gflops_attention": attn_per_block * depth / d / 1e9,
+    }
+
+
+@register_measure("flops", uses=("model", "block", "input_size", "in_channels", "num_classes",
+                                 "learn_sigma", "data"))
+def flops(run) -> dict:
+    """Gflops of one forward pass of one image (fvcore, one multiply-add = one flop) and params."""
+    kwargs = run.model_kwargs
+    with torch.device("meta"):
+        # Trainable parameters, as the paper counts them (not the fixed pos_embed).
+        params = sum(p.numel() for p in DiT(**kwargs).parameters() if p.requires_grad)
+    return {**count_flops(kwargs), "params": params, "params_m": round(params / 1e6, 2)}

@@ -1,0 +1,130 @@
+"""Validated settings: plain dicts from YAML in, dataclasses out, one clear line on error.
+
+A section of a run's settings (``timing``, ``train``, ...) is a dataclass; ``parse`` checks
+that a mapping has only its fields (did-you-mean otherwise), that each value has the
+field's type, and then runs the class's own ``check()``. Every error is a ``ConfigError``
+naming the dotted key and the value, so the CLI can print one line and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+from .registry import did_you_mean
+
+
+class ConfigError(ValueError):
+    """A bad setting: ``key`` is the dotted path, the message says what is wrong."""
+
+    def __init__(self, key: str, message: str, file: str | None = None):
+        self.key, self.message, self.file = key, message, file
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ": ".join(p for p in (self.file, self.key) if p)
+        return f"{where}: {self.message}" if where else self.message
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # YAML reads 1e-4 as a string; accept ints and numeric strings
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce_float(value: Any) -> Any:
+    # PyYAML reads "1e-4" (no dot) as a string; a user means the number.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse(cls: type, value: Any, key: str) -> Any:
+    """A dataclass instance of ``cls`` from a mapping, checked field by field."""
+    if value is None:
+        value = {}
+    if dataclasses.is_dataclass(value):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping of settings, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, v in value.items():
+        if name not in fields:
+            raise ConfigError(f"{key}.{name}" if key else name,
+                              f"unknown setting{did_you_mean(name, fields)}; known: {', '.join(fields)}")
+        hint = hints[name]
+        if float in _flat_args(hint):
+            v = _coerce_float(v)
+        if not _type_ok(v, hint):
+            raise ConfigError(f"{key}.{name}" if key else name, f"{v!r} is not {_type_name(hint)}")
+        kwargs[name] = v
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{e.key}" if key else e.key, e.message) from None
+    return obj
+
+
+def _flat_args(hint: Any) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
+    """Raise ConfigError for the first named field that is negative (or zero)."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+            raise ConfigError(name, f"{v!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def choice(obj: Any, name: str, choices) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ConfigError(name, f"{v!r} is not one of {', '.join(map(str, choices))}{did_you_mean(v, choices)}")
+
+
+def as_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
