@@ -170,6 +170,21 @@ def build_dataset(cfg: Mapping) -> ImageData:
     return loader(**options)
 
 
+def check_dataset_config(cfg: Mapping) -> dict:
+    """Validate a dataset config without loading anything; returns it with the loader's
+    defaults filled in (so that two spellings of the same dataset hash alike)."""
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise ValueError(f"a dataset config needs a 'name' (one of: {', '.join(DATASETS.names())}), "
+                         f"got {cfg!r}")
+    options = dict(cfg)
+    name = options.pop("name")
+    loader = DATASETS.get(name)
+    _check_options(name, loader, options)
+    defaults = {k: p.default for k, p in inspect.signature(loader).parameters.items()
+                if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+    return {"name": name, **defaults, **options}
+
+
 def _check_options(name: str, loader, options: dict) -> None:
     params = inspect.signature(loader).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())

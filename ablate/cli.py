@@ -1,0 +1,248 @@
+"""The ``ablate`` command: run a grid, query its table, validate grid files, list registries.
+
+A mistake in the input is one line on stderr and exit code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .settings import ConfigError
+
+# Columns shown when none are asked for: identity first, then what each measurement adds.
+SUMMARY_COLUMNS = ["model", "block", "seed", "status", "gflops", "params_m", "fwd_ms", "fwd_img_per_s",
+                   "step_ms", "step_img_per_s", "step_mfu", "final_loss", "train_img_per_s",
+                   "train_wall_s", "error"]
+FORMATS = ("markdown", "csv", "json", "parquet")
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(grid_arg: str | None):
+    from .grid import find_grid, load_grid
+    from .measure import load_builtin
+
+    load_builtin()
+    path = find_grid(grid_arg)
+    try:
+        return load_grid(path, shown=grid_arg or str(path))
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _results_dir(results: str | None, grid_name: str) -> Path:
+    return Path(results) if results else Path("results") / grid_name
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="ablate")
+def main():
+    """Measure what a Diffusion Transformer design choice costs and what it buys.
+
+    \b
+    A grid file (YAML) names the cells: model sizes x patch sizes x conditioning blocks
+    (adaln-zero, adaln, cross-attn, in-context) x seeds x any setting; each cell is measured
+    (flops, timing, train) and becomes one row of a results table.
+
+    \b
+    Start here:
+      ablate run                  # the shipped quick grid: 4 blocks on digits, a few minutes on a CPU
+      ablate table                # its results
+      ablate ls                   # models, blocks, datasets, measurements you can name
+      ablate run experiments/dit-paper-gflops.yaml   # the paper's 48 Gflops cells
+    """
+
+
+@main.command()
+@click.argument("grid", required=False)
+@click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
+@click.option("--dry-run", is_flag=True, help="List the cells and what is left to measure; run nothing.")
+@click.option("--retry-failed", is_flag=True, help="Measure again what failed last time.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars (default: on).")
+def run(grid, results, dry_run, retry_failed, progress):
+    """Run GRID (a YAML file, or a name in experiments/; default: quick).
+
+    Cells already measured are skipped, interrupted training resumes from its checkpoint,
+    and several `ablate run` processes on one results folder share the work. Exits 1 if
+    any cell failed (its error is in the table), 2 on bad input.
+    """
+    from .runner import cell_keys, run_grid
+    from .run import label, run_id
+    from .store import Store
+
+    g = _load(grid)
+    store = Store(_results_dir(results, g.name))
+    if dry_run:
+        from tabulate import tabulate
+
+        rows = []
+        for c in g.cells:
+            keys = cell_keys(c)
+            state = {n: (store.result(k) or {}).get("status", "pending") for n, k in keys.items()}
+            rows.append([run_id(c), label(c), ", ".join(f"{n}:{s}" for n, s in state.items())])
+        click.echo(tabulate(rows, headers=["run_id", "cell", "measurements"]))
+        click.echo(f"{len(g.cells)} cells; results in {store.root}")
+        return
+    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress)
+    df = store.table()
+    _write_tables(store, df)
+    _print_table(df[df["run_id"].isin([run_id(c) for c in g.cells])], None, "markdown")
+    click.echo(f"\n{summary.measured} measured, {summary.reused} reused, {len(summary.failed)} failed, "
+               f"{len(summary.busy)} held by another process; table: {store.root / 'table.csv'}")
+    for cell, name, err in summary.failed:
+        click.echo(f"failed: {cell}: {name}: {err}", err=True)
+    if summary.failed:
+        sys.exit(1)
+
+
+def _write_tables(store, df) -> None:
+    from .store import write_atomic
+
+    write_atomic(store.root / "table.csv", df.to_csv(index=False))
+    cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
+    write_atomic(store.root / "table.md", df[cols].to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def _print_table(df, columns, fmt, output=None):
+    if columns is None:
+        columns = [c for c in SUMMARY_COLUMNS if c in df.columns and not (c == "error" and not df[c].any())]
+    df = df[columns]
+    if fmt == "markdown":
+        text = df.to_markdown(index=False, floatfmt=".4g")
+    elif fmt == "csv":
+        text = df.to_csv(index=False)
+    elif fmt == "json":
+        text = df.to_json(orient="records", indent=1)
+    else:
+        if not output:
+            _fail("--format parquet needs --output FILE")
+        df.to_parquet(output, index=False)
+        return
+    if output:
+        Path(output).write_text(text + "\n")
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("grid", required=False)
+@click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
+@click.option("--query", "-q", metavar="EXPR",
+              help="pandas query, e.g. \"block == 'adaln-zero' and patch_size == 2\".")
+@click.option("--columns", "-c", metavar="COLS",
+              help="Comma-separated columns (default: a summary; 'all' for every column).")
+@click.option("--pivot", metavar="INDEX:COLUMNS:VALUES", help="e.g. model:block:gflops.")
+@click.option("--sort", metavar="COLS", help="Comma-separated columns to sort by.")
+@click.option("--format", "-f", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
+@click.option("--output", "-o", metavar="FILE", help="Write to FILE instead of the terminal.")
+def table(grid, results, query, columns, pivot, sort, fmt, output):
+    """Show the results of GRID (default: quick) as one table, one row per cell.
+
+    Columns are the cell's settings (model, block, patch_size, seed, train.lr, ...), every
+    metric (gflops, params, fwd_ms, step_img_per_s, final_loss, ...), status, error and
+    the environment (device_name, torch_version, git_rev, ...).
+    """
+    import pandas as pd
+
+    from .store import Store
+
+    if results is None:
+        from .grid import find_grid
+
+        path = find_grid(grid)
+        results = _results_dir(None, _load(grid).name if path.is_file() else str(grid))
+    store = Store(results)
+    if not (store.root / "cells").is_dir():
+        _fail(f"{store.root}: no results here (run `ablate run` first, or pass --results DIR)")
+    df = store.table()
+    if query:
+        try:
+            df = df.query(query)
+        except Exception as e:  # noqa: BLE001  -- pandas raises many kinds
+            _fail(f"--query {query!r}: {' '.join(str(e).split())}{_column_hint(e, df)}")
+    if sort:
+        keys = sort.split(",")
+        _check_columns(keys, df, "--sort")
+        df = df.sort_values(keys)
+    if pivot:
+        parts = pivot.split(":")
+        if len(parts) != 3:
+            _fail(f"--pivot {pivot!r}: expected INDEX:COLUMNS:VALUES, e.g. model:block:gflops")
+        _check_columns(parts, df, "--pivot")
+        df = pd.pivot_table(df, index=parts[0], columns=parts[1], values=parts[2], aggfunc="mean").reset_index()
+        df.columns.name = None
+        columns = ",".join(map(str, df.columns)) if columns is None else columns
+    if columns == "all":
+        cols = list(df.columns)
+    elif columns:
+        cols = columns.split(",")
+        _check_columns(cols, df, "--columns")
+    else:
+        cols = None
+    _print_table(df, cols, fmt, output)
+
+
+def _check_columns(cols, df, option):
+    from .registry import did_you_mean
+
+    for c in cols:
+        if c not in df.columns:
+            _fail(f"{option}: no column {c!r}{did_you_mean(c, [str(x) for x in df.columns])}")
+
+
+def _column_hint(err, df) -> str:
+    from .registry import did_you_mean
+
+    if "is not defined" in str(err):
+        word = str(err).split("'")[1] if "'" in str(err) else ""
+        return did_you_mean(word, [str(c) for c in df.columns])
+    return ""
+
+
+@main.command()
+@click.argument("grids", nargs=-1, required=True)
+def validate(grids):
+    """Check grid files without running them: one line per file."""
+    for grid in grids:
+        g = _load(grid)
+        click.echo(f"{grid}: ok, {len(g.cells)} cells, axes: {', '.join(g.axes) or 'none'}; "
+                   f"measure: {', '.join(g.cells[0]['measure'])}")
+
+
+@main.command(name="ls")
+@click.argument("what", required=False,
+                type=click.Choice(["models", "sizes", "blocks", "datasets", "measurements"]))
+def ls(what):
+    """List what a grid can name: models, sizes, blocks, datasets, measurements."""
+    from tabulate import tabulate
+
+    from .data import DATASETS
+    from .measure import MEASURES, load_builtin
+    from .models import BLOCKS, MODELS, SIZES
+
+    load_builtin()
+    tables = {
+        "sizes": (["size", "depth", "hidden_size", "num_heads"],
+                  [[n, s.depth, s.hidden_size, s.num_heads] for n, s in SIZES.items()]),
+        "models": (["model", "size", "patch_size"], [[n, *v] for n, v in MODELS.items()]),
+        "blocks": (["block", "description"], [[n, _doc(c)] for n, c in BLOCKS.items()]),
+        "datasets": (["dataset", "description"], [[n, _doc(f)] for n, f in DATASETS.items()]),
+        "measurements": (["measurement", "settings section", "needs", "description"],
+                         [[n, n if m.settings else "", ", ".join(m.needs), m.doc] for n, m in MEASURES.items()]),
+    }
+    for name in ([what] if what else ["models", "sizes", "blocks", "datasets", "measurements"]):
+        headers, rows = tables[name]
+        click.echo(tabulate(rows, headers=headers) + "\n")
+
+
+def _doc(obj) -> str:
+    return (obj.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+
+
+if __name__ == "__main__":
+    main()

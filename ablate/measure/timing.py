@@ -1,0 +1,154 @@
+"""Wall time and memory of a forward pass and of a full training step.
+
+The recipe is nanoGPT's bench: synthetic inputs, warm-up steps excluded, then timed steps
+each ended by a device synchronisation (CUDA runs asynchronously: without it we would time
+the launch, not the work). Reported: median and interquartile range over repeats, images
+per second, peak memory, and MFU against the device's own measured matmul peak.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..diffusion import create_diffusion
+from ..settings import choice, positive
+from . import register_measure
+from .peak import PRECISIONS, matmul_peak_tflops, precision_context, resolve_precision, synchronize
+
+MODES = ("forward", "train")
+
+
+@dataclass
+class TimingSettings:
+    batch_size: int = 32
+    precision: str = "auto"  # auto (bf16 where native), fp32, tf32 (CUDA), bf16 (autocast)
+    compile: bool = False  # torch.compile the model (compile time is excluded, reported apart)
+    warmup: int = 3
+    repeats: int = 10
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+
+    def check(self) -> None:
+        positive(self, "batch_size", "repeats")
+        positive(self, "warmup", allow_zero=True)
+        choice(self, "precision", PRECISIONS)
+        for m in self.modes:
+            if m not in MODES:
+                from ..settings import ConfigError
+                raise ConfigError("modes", f"{m!r} is not one of {', '.join(MODES)}")
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(fn, device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)  # a CPU-GPU sync point: the step's work is done when this returns
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(prefix: str, times: list[float], batch: int) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    med = statistics.median(times)
+    return {f"{prefix}_ms": med * 1e3, f"{prefix}_ms_iqr": (q[2] - q[0]) * 1e3,
+            f"{prefix}_img_per_s": batch / med}
+
+
+def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
+               gflops: float | None = None) -> dict:
+    """Time forward and training step of ``model`` (a DiT) on synthetic inputs."""
+    s = dataclasses.replace(s, precision=resolve_precision(device, s.precision))
+    n, c, size = s.batch_size, model.in_channels, model.x_embedder.num_patches**0.5 * model.patch_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(n, c, int(size), int(size), generator=g).to(device)
+    y = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
+    t = torch.randint(0, 1000, (n,), generator=g).to(device)
+    out: dict = {"timing_precision": s.precision, "compile": s.compile, "batch_size": n}
+    fwd = torch.compile(model) if s.compile else model
+    diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
+
+    if "forward" in s.modes:
+        model.eval()
+
+        @torch.no_grad()
+        def forward():
+            with precision_context(device, s.precision):
+                fwd(x, t, y)
+
+        t0 = time.perf_counter()
+        forward()  # the first call compiles when compile is on
+        out["compile_s"] = time.perf_counter() - t0 if s.compile else 0.0
+        _reset_peak(device)
+        out.update(_summary("fwd", _time(forward, device, s.warmup, s.repeats), n))
+        out["fwd_peak_mem_mb"] = _peak_mb(device)
+
+    if "train" in s.modes:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0,
+                                fused=device.type in ("cuda", "cpu"))
+
+        def step():
+            with precision_context(device, s.precision):
+                loss = diffusion.training_losses(fwd, x, t, {"y": y})["loss"].mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        _reset_peak(device)
+        out.update(_summary("step", _time(step, device, s.warmup, s.repeats), n))
+        out["step_peak_mem_mb"] = _peak_mb(device)
+
+    if gflops is not None:
+        peak = matmul_peak_tflops(str(device), s.precision)
+        out["matmul_peak_tflops"] = peak
+        # 2 flops per multiply-add; a training step is forward + backward = 3 forwards.
+        if "fwd_img_per_s" in out:
+            out["fwd_mfu"] = 2 * gflops * 1e9 * out["fwd_img_per_s"] / (peak * 1e12)
+        if "step_img_per_s" in out:
+            out["step_mfu"] = 6 * gflops * 1e9 * out["step_img_per_s"] / (peak * 1e12)
+    out["memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
+    return out
+
+
+@register_measure("timing", settings=TimingSettings,
+                  uses=("model", "block", "input_size", "in_channels", "num_classes", "learn_sigma",
+                        "class_dropout_prob", "data", "device", "threads"),
+                  needs=("flops",))
+def timing(run) -> dict:
+    """Forward and training-step latency (median, IQR), images/s, peak memory, MFU."""
+    s = run.settings("timing")
+    model = run.build_model()
+    return time_model(model, s, run.device, gflops=run.needed["flops"]["gflops"])

@@ -1,0 +1,192 @@
+"""One cell of a grid: its settings, resolved and validated, its id, and what a
+measurement needs from it (the model, the data, the device, a work folder).
+
+The run settings are a flat set of top-level keys (``RunSettings``) plus one section per
+measurement that has settings (``timing:``, ``train:``); the id of a run is a hash of
+all of it except the list of measurements, so the same cell is the same run tomorrow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import build_dataset, check_dataset_config
+from .measure import MEASURES, Measurement
+from .models import BLOCKS, SIZES, model_name, parse_model_name
+from .registry import UnknownName, did_you_mean
+from .settings import ConfigError, parse
+
+
+@dataclass
+class RunSettings:
+    """The top-level settings of a cell (any of them may be an axis of the grid)."""
+
+    model: str | None = None  # a registered name such as "DiT-S/2" ...
+    size: str | None = None  # ... or a size and a patch size
+    patch_size: int | None = None
+    block: str = "adaln-zero"
+    seed: int = 0
+    input_size: int | None = None  # default: the dataset's image size
+    in_channels: int | None = None  # default: the dataset's channels
+    num_classes: int | None = None  # default: the dataset's classes
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    data: dict = field(default_factory=lambda: {"name": "digits", "image_size": 32})
+    measure: list[str] = field(default_factory=lambda: ["flops"])
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    threads: int | None = None  # CPU threads; default: torch's default
+
+    def check(self) -> None:
+        if self.model is not None:
+            try:
+                size, patch = parse_model_name(self.model)
+            except UnknownName as e:
+                raise ConfigError("model", str(e)) from None
+            for key, given, implied in (("size", self.size, size), ("patch_size", self.patch_size, patch)):
+                if given is not None and given != implied:
+                    raise ConfigError(key, f"{given!r} contradicts model {self.model!r}")
+            self.size, self.patch_size = size, patch
+        elif self.size is None or self.patch_size is None:
+            raise ConfigError("model", "set model (e.g. DiT-S/2) or both size and patch_size")
+        else:
+            if self.size not in SIZES:
+                raise ConfigError("size", str(UnknownName("model size", self.size, SIZES.names())))
+        for key in ("patch_size", "seed", "input_size", "in_channels", "num_classes", "threads"):
+            v = getattr(self, key)
+            if v is not None and (v < 0 or (v == 0 and key != "seed")):
+                raise ConfigError(key, f"{v!r} must be {'>= 0' if key == 'seed' else '> 0'}")
+        self.model = model_name(self.size, self.patch_size)
+        if self.block not in BLOCKS:
+            raise ConfigError("block", str(UnknownName("block", self.block, BLOCKS.names())))
+        try:
+            self.data = check_dataset_config(self.data)
+        except UnknownName as e:
+            raise ConfigError("data.name", str(e)) from None
+        except ValueError as e:
+            raise ConfigError("data", str(e)) from None
+        if self.input_size is None:
+            self.input_size = self.data.get("image_size")
+        if self.input_size is not None and self.input_size % self.patch_size:
+            raise ConfigError("patch_size", f"{self.patch_size} does not divide the input size {self.input_size}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ConfigError("class_dropout_prob", f"{self.class_dropout_prob!r} must be in [0, 1)")
+        for m in self.measure:
+            if m not in MEASURES:
+                raise ConfigError("measure", str(UnknownName("measurement", m, MEASURES.names())))
+        if not self.measure:
+            raise ConfigError("measure", "the list of measurements is empty")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def section_names() -> list[str]:
+    return [name for name, m in MEASURES.items() if m.settings is not None]
+
+
+def resolve(settings: dict) -> dict:
+    """Raw settings of one cell -> the canonical settings: validated, defaults filled in,
+    sections only for the measurements listed. Raises ConfigError."""
+    sections = section_names()
+    top = {k: v for k, v in settings.items() if k not in sections}
+    top_fields = [f.name for f in dataclasses.fields(RunSettings)]
+    for k in top:
+        if k not in top_fields:
+            known = top_fields + sections
+            raise ConfigError(k, f"unknown setting{did_you_mean(k, known)}; known: {', '.join(known)}")
+    run = dataclasses.asdict(parse(RunSettings, top, ""))
+    # Expand measurements' prerequisites (fid needs train) in dependency order.
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        for dep in MEASURES.get(name).needs:
+            add(dep)
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in run["measure"]:
+        add(name)
+    run["measure"] = ordered
+    for name in sections:
+        given = settings.get(name)
+        parsed = parse(MEASURES.get(name).settings, given, name)  # checked even when not measured
+        if name in ordered:
+            run[name] = dataclasses.asdict(parsed)
+    return run
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_id(config: dict) -> str:
+    """Stable id of a cell: a hash of its canonical settings less the measurement list."""
+    return _digest({k: v for k, v in config.items() if k != "measure"})
+
+
+def measurement_key(config: dict, name: str) -> str:
+    """Hash of exactly what a measurement's result depends on (see ``Measurement.uses``)."""
+    m = MEASURES.get(name)
+    inputs = {k: config.get(k) for k in m.uses}
+    inputs["_section"] = config.get(name)
+    inputs["_needs"] = {dep: measurement_key(config, dep) for dep in m.needs}
+    return f"{name}-{_digest(inputs)}"
+
+
+def label(config: dict) -> str:
+    return f"{config['model']} {config['block']} seed={config['seed']}"
+
+
+class Run:
+    """What a measurement function receives: settings, device, data, model, work folder,
+    and the results of the measurements it needs."""
+
+    def __init__(self, config: dict, workdir: Path, needed: dict[str, dict] | None = None):
+        self.config = config
+        self.id = run_id(config)
+        self.workdir = workdir
+        self.needed = needed or {}
+
+    def settings(self, measurement: Measurement | str):
+        m = MEASURES.get(measurement) if isinstance(measurement, str) else measurement
+        return parse(m.settings, self.config.get(m.name), m.name)
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        d = self.config["device"]
+        if d == "auto":
+            d = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(d)
+
+    @functools.cached_property
+    def dataset(self):
+        return build_dataset(self.config["data"])
+
+    @functools.cached_property
+    def model_kwargs(self) -> dict:
+        """DiT constructor keywords; channels and classes come from the data unless set."""
+        c = self.config
+        size = SIZES.get(c["size"])
+        in_channels, num_classes, input_size = c["in_channels"], c["num_classes"], c["input_size"]
+        if None in (in_channels, num_classes, input_size):
+            ds = self.dataset
+            in_channels = in_channels or ds.channels
+            num_classes = num_classes or ds.num_classes
+            input_size = input_size or ds.image_size
+        return dict(input_size=input_size, patch_size=c["patch_size"], in_channels=in_channels,
+                    hidden_size=size.hidden_size, depth=size.depth, num_heads=size.num_heads,
+                    mlp_ratio=size.mlp_ratio, class_dropout_prob=c["class_dropout_prob"],
+                    num_classes=num_classes, learn_sigma=c["learn_sigma"], block=c["block"])
+
+    def build_model(self):
+        from .models import DiT
+
+        torch.manual_seed(self.config["seed"])
+        return DiT(**self.model_kwargs).to(self.device)
+

@@ -1,0 +1,165 @@
+"""Grid files: expansion, ids, includes, and one clear line for every kind of mistake."""
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from ablate.cli import main
+from ablate.grid import load_grid
+from ablate.measure import load_builtin
+from ablate.run import measurement_key, run_id
+from ablate.settings import ConfigError
+
+load_builtin()
+
+
+def write(tmp_path, text, name="grid.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+BASIC = """
+name: basic
+grid:
+  model: [DiT-T/2, DiT-T/4]
+  block: [adaln-zero, adaln, cross-attn, in-context]
+  seed: [0, 1]
+exclude:
+  - {model: DiT-T/4, block: cross-attn}
+base:
+  data: {name: digits, image_size: 16}
+  measure: [flops]
+"""
+
+
+def test_expansion_is_the_cartesian_product_minus_excluded(tmp_path):
+    g = load_grid(write(tmp_path, BASIC))
+    assert len(g.cells) == 2 * 4 * 2 - 2
+    assert not any(c["model"] == "DiT-T/4" and c["block"] == "cross-attn" for c in g.cells)
+    assert {c["seed"] for c in g.cells} == {0, 1}
+    c = g.cells[0]
+    assert (c["size"], c["patch_size"], c["input_size"]) == ("T", 2, 16)
+
+
+def test_dotted_axes_lists_and_size_patch_spelling(tmp_path):
+    g = load_grid(write(tmp_path, """
+        grid:
+          timing.batch_size: [4, 8]
+          patch_size: [2, 4]
+        base:
+          size: T
+          data: {name: digits, image_size: 16}
+          measure: [timing]
+          timing: {modes: [forward]}
+        """))
+    assert len(g.cells) == 4
+    assert sorted({c["timing"]["batch_size"] for c in g.cells}) == [4, 8]
+    assert {c["model"] for c in g.cells} == {"DiT-T/2", "DiT-T/4"}
+    assert g.cells[0]["timing"]["modes"] == ["forward"]
+    assert g.cells[0]["measure"] == ["flops", "timing"]  # timing needs flops (for MFU)
+
+
+def test_ids_are_stable_and_depend_only_on_the_settings(tmp_path):
+    a = load_grid(write(tmp_path, BASIC)).cells
+    b = load_grid(write(tmp_path, BASIC)).cells
+    assert [run_id(c) for c in a] == [run_id(c) for c in b]
+    assert len({run_id(c) for c in a}) == len(a)
+    # The same cell spelled as size + patch_size is the same run; defaults written out too.
+    g = load_grid(write(tmp_path, """
+        base: {size: T, patch_size: 2, block: adaln-zero, seed: 0, learn_sigma: true,
+               data: {name: digits, image_size: 16}, measure: [flops, timing]}
+        """, "other.yaml"))
+    same = [c for c in a if c["model"] == "DiT-T/2" and c["block"] == "adaln-zero" and c["seed"] == 0][0]
+    # Adding a measurement changes the cell's id but not the key of the flops it shares.
+    assert measurement_key(g.cells[0], "flops") == measurement_key(same, "flops")
+    # flops do not depend on the seed: two seeds share one count.
+    s1 = [c for c in a if c["model"] == "DiT-T/2" and c["block"] == "adaln-zero" and c["seed"] == 1][0]
+    assert measurement_key(s1, "flops") == measurement_key(same, "flops")
+    assert run_id(s1) != run_id(same)
+
+
+def test_include_merges_base_files(tmp_path):
+    write(tmp_path, """
+        base:
+          data: {name: digits, image_size: 16}
+          measure: [flops]
+          train: {steps: 7}
+        grid: {block: [adaln, in-context]}
+        """, "base.yaml")
+    g = load_grid(write(tmp_path, """
+        include: base.yaml
+        name: child
+        grid: {model: [DiT-T/4]}
+        base: {measure: [flops, train], train: {batch_size: 4}}
+        """))
+    assert g.name == "child" and len(g.cells) == 2
+    assert g.cells[0]["train"]["steps"] == 7 and g.cells[0]["train"]["batch_size"] == 4
+
+
+def test_user_plugin_registers_a_block_usable_in_a_grid(tmp_path):
+    (tmp_path / "myblocks.py").write_text(textwrap.dedent("""
+        from ablate.models import register_block, BLOCKS
+        from ablate.models.blocks import AdaLNZeroBlock
+        if "my-block" not in BLOCKS:
+            register_block("my-block", AdaLNZeroBlock)
+        """))
+    g = load_grid(write(tmp_path, """
+        imports: [myblocks.py]
+        base: {model: DiT-T/4, block: my-block, data: {name: digits, image_size: 16}}
+        """))
+    assert g.cells[0]["block"] == "my-block"
+
+
+M = "model: DiT-T/4, data: {name: digits, image_size: 16}"
+BAD = {
+    "unknown block": (f"grid: {{block: [adaln-zer]}}\nbase: {{{M}}}", "grid.block", "did you mean 'adaln-zero'"),
+    "unknown model": ("base: {model: DiT-XXL/2}", "base.model", "unknown model 'DiT-XXL/2'"),
+    "unknown dataset": ("base: {model: DiT-T/4, data: {name: digts}}", "base.data.name", "did you mean 'digits'"),
+    "patch does not divide": ("base: {model: DiT-T/8, data: {name: digits, image_size: 12}}",
+                              "base.patch_size", "8 does not divide the input size 12"),
+    "wrong type": (f"base: {{{M}, seed: zero}}", "base.seed", "'zero' is not an integer"),
+    "negative count": (f"base: {{{M}, measure: [train], train: {{steps: -5}}}}", "base.train.steps",
+                       "-5 must be > 0"),
+    "unknown setting typo": (f"base: {{{M}, trian: {{steps: 5}}}}", "base.trian", "did you mean 'train'"),
+    "unknown nested key": (f"base: {{{M}, measure: [timing], timing: {{batchsize: 4}}}}",
+                           "base.timing.batchsize", "did you mean 'batch_size'"),
+    "unknown top-level key": (f"grids: {{block: [adaln]}}\nbase: {{{M}}}", "grids", "did you mean 'grid'"),
+    "exclude names no axis": (f"grid: {{block: [adaln]}}\nexclude: [{{blok: adaln}}]\nbase: {{{M}}}",
+                              "exclude[0].blok", "did you mean 'block'"),
+    "empty axis": (f"grid: {{block: []}}\nbase: {{{M}}}", "grid.block", "at least one value"),
+    "everything excluded": (f"grid: {{block: [adaln]}}\nexclude: [{{block: adaln}}]\nbase: {{{M}}}", "grid",
+                            "every cell is excluded"),
+    "invalid yaml": ("grid: {block: [adaln", "", "invalid YAML: line"),
+    "unknown measurement": (f"base: {{{M}, measure: [flop]}}", "base.measure", "did you mean 'flops'"),
+    "unknown dataset option": ("base: {model: DiT-T/4, data: {name: digits, imagesize: 8}}", "base.data",
+                               "did you mean 'image_size'"),
+    "negative seed axis": (f"grid: {{seed: [0, -1]}}\nbase: {{{M}}}", "grid.seed", "-1 must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case, monkeypatch):
+    body, key, fragment = BAD[case]
+    path = write(tmp_path, "name: bad\n" + body + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_grid(path)
+    assert e.value.key == key and fragment in e.value.message
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(path), "--no-progress"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and fragment in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["validate", "nope.yaml"])
+    assert result.exit_code == 2 and result.output.strip() == "error: nope.yaml: no such file"
+
+
+def test_validate_reports_the_cells(tmp_path):
+    result = CliRunner().invoke(main, ["validate", str(write(tmp_path, BASIC))])
+    assert result.exit_code == 0 and "14 cells" in result.output
