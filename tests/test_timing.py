@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from ablate.measure.peak import matmul_peak_tflops, native_bf16, resolve_precision
+from ablate.measure.timing import TimingSettings, _peak_mb, _reset_peak, time_model
+from ablate.models import DiT
+from ablate.settings import ConfigError, parse
+
+
+def tiny():
+    torch.manual_seed(0)
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+
+
+def test_timing_row_is_self_consistent():
+    s = TimingSettings(batch_size=4, precision="fp32", warmup=1, repeats=3)
+    gflops = 0.001
+    row = time_model(tiny(), s, torch.device("cpu"), gflops=gflops)
+    for prefix in ("fwd", "step"):
+        assert row[f"{prefix}_ms"] > 0 and row[f"{prefix}_ms_iqr"] >= 0
+        assert row[f"{prefix}_img_per_s"] == pytest.approx(4 / (row[f"{prefix}_ms"] / 1e3))
+        assert row[f"{prefix}_peak_mem_mb"] > 10  # the process's resident set: torch alone is more
+    peak = row["matmul_peak_tflops"]
+    assert row["fwd_mfu"] == pytest.approx(2 * gflops * 1e9 * row["fwd_img_per_s"] / (peak * 1e12))
+    assert row["step_mfu"] == pytest.approx(3 * row["fwd_mfu"] * row["step_img_per_s"] / row["fwd_img_per_s"])
+    assert row["step_ms"] > row["fwd_ms"] * 0.5  # backward and optimizer cost something
+
+
+def test_training_step_in_timing_updates_the_weights():
+    model = tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    time_model(model, TimingSettings(batch_size=2, precision="fp32", warmup=0, repeats=1, modes=["train"]),
+               torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_peak_rss_reset_tracks_a_new_allocation():
+    _reset_peak(torch.device("cpu"))
+    base = _peak_mb(torch.device("cpu"))
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert _peak_mb(torch.device("cpu")) >= base + 50
+    del x
+
+
+def test_matmul_peak_is_positive_and_cached():
+    a = matmul_peak_tflops("cpu", "fp32", n=256, seconds=0.05)
+    assert a > 0 and matmul_peak_tflops("cpu", "fp32", n=256, seconds=0.05) == a
+
+
+def test_auto_precision_uses_bf16_only_where_native():
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "auto") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert resolve_precision(cpu, "fp32") == "fp32"
+
+
+def test_bad_timing_settings_name_the_key():
+    with pytest.raises(ConfigError, match="timing.batch_size: 0 must be > 0"):
+        parse(TimingSettings, {"batch_size": 0}, "timing")
+    with pytest.raises(ConfigError, match="timing.precision: 'fp16' is not one of"):
+        parse(TimingSettings, {"precision": "fp16"}, "timing")
