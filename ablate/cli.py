@@ -174,7 +174,7 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
         if len(parts) != 3:
             _fail(f"--pivot {pivot!r}: expected INDEX:COLUMNS:VALUES, e.g. model:block:gflops")
         _check_columns(parts, df, "--pivot")
-        df = pd.pivot_table(df, index=parts[0], columns=parts[1], values=parts[2], aggfunc="mean").reset_index()
+        df = pd.pivot_table(df, index=parts[0], columns=parts[1], values=parts[2], aggfunc="mean", sort=False).reset_index()
         df.columns.name = None
         columns = ",".join(map(str, df.columns)) if columns is None else columns
     if columns == "all":
@@ -241,7 +241,7 @@ def ls(what):
 
 
 def _doc(obj) -> str:
-    return (obj.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    return " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ def cell_keys(config: dict) -> dict[str, str]:
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True) -> Summary:
     summary = Summary()
     cells = [(c, run_id(c), cell_keys(c)) for c in grid.cells]
-    for config, rid, keys in cells:
-        store.save_cell(rid, config, keys)
+    for index, (config, rid, keys) in enumerate(cells):
+        store.save_cell(rid, config, keys, index)
     bar = tqdm(cells, desc=grid.name, unit="cell", disable=not progress, dynamic_ncols=True)
     for config, rid, keys in bar:
         bar.set_postfix_str(label(config))

@@ -51,9 +51,9 @@ class Store:
     def cell_path(self, rid: str) -> Path:
         return self.root / "cells" / f"{rid}.json"
 
-    def save_cell(self, rid: str, config: dict, keys: dict[str, str]) -> None:
+    def save_cell(self, rid: str, config: dict, keys: dict[str, str], index: int = 0) -> None:
         path = self.cell_path(rid)
-        record = {"id": rid, "config": config, "measurements": keys}
+        record = {"id": rid, "index": index, "config": config, "measurements": keys}
         if path.exists():
             try:
                 if json.loads(path.read_text()) == json.loads(json.dumps(record, default=str)):
@@ -138,8 +138,12 @@ class Store:
             row["error"] = "; ".join(errors)
             row["started"] = min(started) if started else ""
             row["finished"] = max(finished) if finished and "pending" not in statuses else ""
+            row["_index"] = cell.get("index", 0)
             rows.append(row)
-        return pd.DataFrame(rows)
+        if not rows:
+            return pd.DataFrame()
+        # Rows in the grid file's order, not the hash order of the files.
+        return pd.DataFrame(rows).sort_values(["_index", "run_id"]).drop(columns="_index").reset_index(drop=True)
 
 
 def _scalar(v) -> bool:

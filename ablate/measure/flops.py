@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+
+# fvcore scripts a helper at import; torch deprecates torch.jit.script. Not our call to fix.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from fvcore.nn.jit_handles import get_shape  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ..models.dit import DiT
 from . import register_measure

@@ -1,0 +1,18 @@
+"""The ``train`` measurement: a short DDPM training run of the cell's DiT on its dataset.
+
+Its work folder holds the checkpoint, so an interrupted run resumes where it stopped; its
+result carries the loss log and the evaluations over steps (quality-over-steps curves).
+"""
+from __future__ import annotations
+
+from . import MODEL_KEYS, register_measure
+from ..train import TrainSettings, train as train_loop
+
+
+@register_measure("train", settings=TrainSettings, uses=MODEL_KEYS + ("seed",))
+def train(run, progress: bool = True) -> dict:
+    """Short DDPM training run: loss curve, images/s, samples over steps."""
+    s = run.settings("train")
+    model = run.build_model()
+    return train_loop(model, run.dataset, s, workdir=run.workdir, seed=run.config["seed"],
+                      device=run.device, progress=progress)
