@@ -1,0 +1,248 @@
+"""Training loop: loss falls on digits, exact resume, EMA, checkpoints, sample grids, settings."""
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+import ablate.train as train_mod
+from ablate.data import build_dataset
+from ablate.measure.peak import native_bf16
+from ablate.models import DiT
+from ablate.settings import ConfigError, parse
+from ablate.train import TrainSettings, sample_images, train, update_ema
+
+# No sampling, no periodic checkpoints, fp32: the settings the tests change one at a time.
+FAST = TrainSettings(steps=8, batch_size=16, lr=1e-3, precision="fp32", log_every=3,
+                     checkpoint_every=1000, eval_samples=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tensors here are tiny; on a shared CPU, handing work to a second thread costs more than it saves.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset({"name": "digits", "image_size": 16})
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    return digits.subset(100)  # 6 batches of 16 per epoch: 8 steps cross an epoch boundary
+
+
+def tiny(seed: int = 0, live_output: bool = False) -> DiT:
+    """A 2-block, 64-wide DiT on 16x16x1 images (16 tokens); ~0.2M parameters."""
+    torch.manual_seed(seed)
+    model = DiT(input_size=16, patch_size=4, in_channels=1, hidden_size=64, depth=2, num_heads=2,
+                num_classes=10)
+    if live_output:  # the zero-initialised output layer would make every sample identical
+        with torch.no_grad():
+            for p in model.final_layer.parameters():
+                p.normal_(0, 0.02)
+    return model
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def run(tmp_path, name, settings=FAST, seed=0, data=None, model=None, **kw) -> tuple[dict, DiT]:
+    model = model if model is not None else tiny()
+    out = train(model, data, settings, workdir=tmp_path / name, seed=seed, device="cpu", progress=False, **kw)
+    return out, model
+
+
+# ---------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------
+def test_loss_falls_on_digits(tmp_path, digits):
+    s = dataclasses.replace(FAST, steps=150, batch_size=32, log_every=25)
+    out, _ = run(tmp_path, "run", s, data=digits)
+    assert out["train_steps"] == 150 and len(out["log"]) == 6
+    assert out["final_loss"] < 0.7 * out["loss_start"], (out["loss_start"], out["final_loss"])
+    assert out["train_precision"] == "fp32"
+    assert out["train_img_per_s"] > 0 and out["train_wall_s"] > 0
+    # Throughput leaves out the first (warm-up) window: it equals the later windows' images over seconds.
+    later = out["log"][1:]
+    want = sum(e["images"] for e in later) / sum(e["images"] / e["img_per_s"] for e in later)
+    assert out["train_img_per_s"] == pytest.approx(want, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------
+# Reproducibility and resume
+# ---------------------------------------------------------------------------------
+def test_same_seed_same_weights_and_resume_matches_uninterrupted(tmp_path, small):
+    full, m_full = run(tmp_path, "full", data=small)
+    again, m_again = run(tmp_path, "again", data=small)
+    assert max_diff(weights(m_full), weights(m_again)) == 0.0
+
+    # 4 steps (mid-epoch), then a fresh start from the checkpoint for 4 more.
+    half, _ = run(tmp_path, "resumed", dataclasses.replace(FAST, steps=4), data=small)
+    assert half["train_steps"] == 4
+    resumed, m_resumed = run(tmp_path, "resumed", data=small, model=tiny(seed=123))
+    assert max_diff(weights(m_full), weights(m_resumed)) < 1e-6
+    ck_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    ck_res = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert max_diff(ck_full["ema"], ck_res["ema"]) < 1e-6
+    # The first run logged its last step too (4); windows that do not touch it match.
+    assert [e["step"] for e in resumed["log"]] == [3, 4, 6, 8]
+    assert [e["step"] for e in full["log"]] == [3, 6, 8]
+    assert resumed["log"][0]["loss"] == pytest.approx(full["log"][0]["loss"], abs=1e-6)
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-6)
+    # A finished run resumed again trains nothing and returns the same row.
+    again_done, _ = run(tmp_path, "resumed", data=small)
+    assert again_done["final_loss"] == resumed["final_loss"]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingData:
+    """The dataset, but the process "dies" when batch ``after`` is asked for."""
+
+    def __init__(self, data, after: int):
+        self.data, self.after = data, after
+        self.image_size = data.image_size
+
+    def __len__(self):
+        return len(self.data)
+
+    def batches(self, *args, **kwargs):
+        for i, batch in enumerate(self.data.batches(*args, **kwargs)):
+            if i == self.after:
+                raise Crash
+            yield batch
+
+
+def test_crash_mid_window_resumes_to_the_same_log(tmp_path, small):
+    full, m_full = run(tmp_path, "full", data=small)
+    s = dataclasses.replace(FAST, checkpoint_every=4)
+    with pytest.raises(Crash):  # dies drawing batch 6: the checkpoint is at step 4, inside window 4..6
+        run(tmp_path, "crashed", s, data=CrashingData(small, after=5))
+    resumed, m_resumed = run(tmp_path, "crashed", s, data=small)
+    assert max_diff(weights(m_full), weights(m_resumed)) < 1e-6
+    assert [e["step"] for e in resumed["log"]] == [3, 6, 8]
+    assert [e["loss"] for e in resumed["log"]] == pytest.approx([e["loss"] for e in full["log"]], abs=1e-6)
+    assert [e["first_window"] for e in resumed["log"]] == [True, True, False]  # one per process
+
+
+def test_resume_refuses_another_seed(tmp_path, small):
+    run(tmp_path, "run", dataclasses.replace(FAST, steps=2), data=small)
+    with pytest.raises(ValueError, match="seed=0.*seed=1"):
+        run(tmp_path, "run", data=small, seed=1)
+
+
+# ---------------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------------
+def test_ema_update_formula():
+    ema, p = [torch.tensor([4.0, -2.0]), torch.tensor([1.0])], [torch.tensor([8.0, 2.0]), torch.tensor([3.0])]
+    update_ema(ema, p, 0.75)  # 0.75 * e + 0.25 * p, exact in binary
+    assert ema[0].tolist() == [5.0, -1.0] and ema[1].tolist() == [1.5]
+    g = torch.Generator().manual_seed(0)
+    e0, q = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    e = e0.clone()
+    update_ema([e], [q], 0.9999)
+    # Same formula up to float32 rounding (values up to ~4: an ulp is 2.4e-7 to 4.8e-7).
+    assert (e - (0.9999 * e0 + (1 - 0.9999) * q)).abs().max().item() < 1e-6
+    assert (e - e0).abs().max().item() > 1e-4  # and it did move toward q
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_ema_in_training_tracks_the_right_parameters(tmp_path, small, decay):
+    init = weights(tiny())
+    _, model = run(tmp_path, "run", dataclasses.replace(FAST, steps=2, ema_decay=decay), data=small)
+    ema = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["ema"]
+    target = weights(model) if decay == 0.0 else init  # decay 0: a copy of the model; 1: frozen at init
+    assert max_diff(ema, target) == 0.0
+    assert max_diff(weights(model), init) > 1e-4  # and the model itself did move
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoints and samples
+# ---------------------------------------------------------------------------------
+def test_checkpoints_written_atomically_with_step(tmp_path, small, monkeypatch):
+    saved = []
+    real = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda path, state: (saved.append(state["step"]), real(path, state)))
+    _, model = run(tmp_path, "run", dataclasses.replace(FAST, steps=5, checkpoint_every=2, log_every=1), data=small)
+    assert saved == [2, 4, 5]
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["checkpoint.pt"]  # no temporary file left behind
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 5 and [e["step"] for e in ck["log"]] == [1, 2, 3, 4, 5]
+    assert max_diff(ck["model"], weights(model)) == 0.0
+    assert {"optimizer", "ema", "rng", "data", "evals"} <= ck.keys()
+    assert ck["data"]["in_epoch"] == 5  # 5 of the epoch's 6 batches drawn
+
+
+def test_samples_png_grid_and_evals(tmp_path, small):
+    seen = []
+
+    def evaluate(ema, samples, step):
+        seen.append((step, tuple(samples.shape), samples.min().item(), samples.max().item(), ema.training))
+        return {"sample_std": samples.std()}
+
+    s = dataclasses.replace(FAST, steps=2, eval_every=1, eval_samples=6, sample_steps=4)
+    out, _ = run(tmp_path, "run", s, data=small, model=tiny(live_output=True), evaluate=evaluate)
+    assert [x[:2] for x in seen] == [(1, (6, 1, 16, 16)), (2, (6, 1, 16, 16))]
+    assert all(-1 <= lo <= hi <= 1 and not training for _, _, lo, hi, training in seen)
+    assert [e["step"] for e in out["evals"]] == [1, 2]
+    assert isinstance(out["evals"][0]["sample_std"], float) and out["evals"][0]["sample_std"] > 0
+    for step in (1, 2):
+        with Image.open(tmp_path / "run" / f"samples_step{step:07d}.png") as im:
+            # 6 samples, 3 per row, 16 px each with torchvision's 2 px padding around every cell.
+            assert im.size == (3 * 18 + 2, 2 * 18 + 2)
+
+
+def test_guided_sampling_at_scale_one_matches_unguided():
+    model = tiny(live_output=True).eval()
+    kw = dict(image_size=16, steps=5, sampler="ddim", seed=3)
+    plain, labels = sample_images(model, 12, **kw)
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    # The guided path (null-label half, forward_with_cfg) at a scale of ~1 gives the same DDIM samples.
+    near_one, _ = sample_images(model, 12, cfg_scale=1.0 + 1e-6, **kw)
+    assert (near_one - plain).abs().max().item() < 1e-4
+    guided, _ = sample_images(model, 12, cfg_scale=4.0, **kw)
+    assert (guided - plain).abs().max().item() > 1e-3
+
+
+# ---------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, key", [
+    ({"steps": -1}, "train.steps"),
+    ({"batch_size": 0}, "train.batch_size"),
+    ({"precision": "fp16"}, "train.precision"),
+    ({"sampler": "euler"}, "train.sampler"),
+    ({"ema_decay": 1.5}, "train.ema_decay"),
+    ({"eval_every": 0}, "train.eval_every"),
+    ({"stpes": 10}, "train.stpes"),
+])
+def test_bad_settings_name_the_key(bad, key):
+    with pytest.raises(ConfigError) as e:
+        parse(TrainSettings, bad, "train")
+    assert e.value.key == key
+
+
+def test_settings_parse_defaults_and_yaml_numbers():
+    s = parse(TrainSettings, {"lr": "1e-4", "steps": 10, "grad_clip": 1}, "train")
+    assert (s.lr, s.steps, s.grad_clip, s.ema_decay, s.weight_decay, s.precision) == (1e-4, 10, 1, 0.9999, 0.0, "auto")
+
+
+def test_auto_precision_is_bf16_only_where_native(tmp_path, small):
+    out, _ = run(tmp_path, "run", dataclasses.replace(FAST, steps=1, precision="auto"), data=small)
+    # Emulated bf16 (AVX2 CPUs) trains ~20x slower than fp32, so auto must not pick it there.
+    assert out["train_precision"] == ("bf16" if native_bf16("cpu") else "fp32")
