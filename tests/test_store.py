@@ -137,3 +137,49 @@ def test_a_failing_cell_is_a_row_and_the_others_go_on(tmp_path):
     assert start(grid, results, log).wait(timeout=120) == 1 and len(events(log)) == n
     assert start(grid, results, log, "--retry-failed").wait(timeout=120) == 1
     assert len(events(log)) == n + 3  # both ran again: start (fail), start + done (nan)
+
+
+def test_interrupted_training_resumes_and_keeps_the_cost_measurements(tmp_path):
+    """kill -9 during training: flops and timing are not measured again, training resumes
+    from its checkpoint instead of starting over, and the cell finishes once."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(textwrap.dedent("""
+        name: resume
+        base:
+          model: DiT-T/4
+          data: {name: digits, image_size: 8}
+          measure: [flops, timing, train]
+          timing: {batch_size: 4, precision: fp32, warmup: 1, repeats: 2}
+          train: {steps: 400, batch_size: 16, precision: fp32, log_every: 10, checkpoint_every: 20,
+                  eval_samples: 4, sample_steps: 5}
+        """))
+    results, log = tmp_path / "results", tmp_path / "log"
+    proc = start(grid, results, log)
+    deadline = time.time() + 180
+    ckpt = None
+    while ckpt is None:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        found = list((results / "work").glob("train-*/checkpoint.pt")) if (results / "work").exists() else []
+        ckpt = found[0] if found else None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    import torch
+
+    saved_step = torch.load(ckpt, weights_only=False)["step"]
+    assert 20 <= saved_step < 400
+    cost = {p.name: p.read_text() for p in (results / "measurements").glob("*.json")}
+    assert {n.split("-")[0] for n in cost} == {"flops", "timing"}  # training never finished
+    again = start(grid, results, log)
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert "2 reused" in again.stdout.read()  # flops and timing
+    for name, text in cost.items():
+        assert (results / "measurements" / name).read_text() == text  # untouched
+    train = [json.loads(p.read_text()) for p in (results / "measurements").glob("train-*.json")]
+    assert len(train) == 1 and train[0]["status"] == "ok"
+    m = train[0]["metrics"]
+    assert m["train_steps"] == 400
+    steps_logged = [e["step"] for e in m["log"]]
+    assert steps_logged == list(range(10, 401, 10))  # one continuous log across the restart
+    assert m["final_loss"] < m["loss_start"]
