@@ -1,6 +1,6 @@
 """Gflops of the paper's 48 cells beside the DiT paper's Table 4, and how long counting took.
 
-    python benchmarks/paper_gflops.py [--reference ../shared/reference/dit_table4_256.csv]
+    python benchmarks/paper_gflops.py [--reference ablate/reference/dit_table4_256.csv]
 
 Prints a markdown table and writes it to results/dit-paper-gflops/paper_comparison.md.
 """
@@ -26,7 +26,7 @@ BLOCKS = ["adaln-zero", "adaln", "cross-attn", "in-context"]
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     repo = Path(__file__).resolve().parent.parent
-    ap.add_argument("--reference", default=repo.parent / "shared" / "reference" / "dit_table4_256.csv")
+    ap.add_argument("--reference", default=repo / "ablate" / "reference" / "dit_table4_256.csv")
     ap.add_argument("--out", default=repo / "results" / "dit-paper-gflops" / "paper_comparison.md")
     args = ap.parse_args()
     load_builtin()
