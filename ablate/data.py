@@ -160,14 +160,8 @@ class ImageData:
 # ---------------------------------------------------------------------------------
 def build_dataset(cfg: Mapping) -> ImageData:
     """``{"name": "digits", "image_size": 32, ...options}`` -> ImageData, options checked first."""
-    if not isinstance(cfg, Mapping) or "name" not in cfg:
-        raise ValueError(f"a dataset config needs a 'name' (one of: {', '.join(DATASETS.names())}), "
-                         f"got {cfg!r}")
-    options = dict(cfg)
-    name = options.pop("name")
-    loader = DATASETS.get(name)
-    _check_options(name, loader, options)
-    return loader(**options)
+    options = check_dataset_config(cfg)
+    return DATASETS.get(options.pop("name"))(**options)
 
 
 def check_dataset_config(cfg: Mapping) -> dict:

@@ -150,8 +150,14 @@ class Run:
     def __init__(self, config: dict, workdir: Path, needed: dict[str, dict] | None = None):
         self.config = config
         self.id = run_id(config)
-        self.workdir = workdir
+        self._workdir = Path(workdir)
         self.needed = needed or {}
+
+    @property
+    def workdir(self) -> Path:
+        """This measurement's folder for checkpoints and samples, made on first use."""
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        return self._workdir
 
     def settings(self, measurement: Measurement | str):
         m = MEASURES.get(measurement) if isinstance(measurement, str) else measurement

@@ -85,9 +85,7 @@ class Store:
         write_json(self.result_path(key), result)
 
     def workdir(self, key: str) -> Path:
-        d = self.root / "work" / key
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return self.root / "work" / key
 
     @contextlib.contextmanager
     def claim(self, key: str) -> Iterator[bool]:

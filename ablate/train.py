@@ -154,7 +154,10 @@ def save_grid(samples: torch.Tensor, path: Path) -> None:
     from torchvision.utils import save_image
 
     nrow = math.ceil(math.sqrt(len(samples)))
-    save_image(samples[:, :3].cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1))
+    x = samples[:, :3].float().cpu()
+    if x.shape[-1] < 64:  # tiny images (digits at 16x16): enlarge so a person can read them
+        x = torch.nn.functional.interpolate(x, scale_factor=64 // x.shape[-1], mode="nearest")
+    save_image(x, path, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)
 
 
 # ---------------------------------------------------------------------------------

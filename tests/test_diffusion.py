@@ -35,14 +35,6 @@ def _x0_oracle(x0: torch.Tensor, v: float = 0.0, seen: list | None = None):
     return model_fn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors here are tiny; on a shared CPU, handing work to a second thread costs ~10x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------------
 # Schedule

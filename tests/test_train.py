@@ -17,14 +17,6 @@ FAST = TrainSettings(steps=8, batch_size=16, lr=1e-3, precision="fp32", log_ever
                      checkpoint_every=1000, eval_samples=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors here are tiny; on a shared CPU, handing work to a second thread costs more than it saves.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def digits():
@@ -203,8 +195,8 @@ def test_samples_png_grid_and_evals(tmp_path, small):
     assert isinstance(out["evals"][0]["sample_std"], float) and out["evals"][0]["sample_std"] > 0
     for step in (1, 2):
         with Image.open(tmp_path / "run" / f"samples_step{step:07d}.png") as im:
-            # 6 samples, 3 per row, 16 px each with torchvision's 2 px padding around every cell.
-            assert im.size == (3 * 18 + 2, 2 * 18 + 2)
+            # 6 samples, 3 per row, 16 px enlarged 4x to 64 px, torchvision's 2 px padding around each.
+            assert im.size == (3 * 66 + 2, 2 * 66 + 2)
 
 
 def test_guided_sampling_at_scale_one_matches_unguided():

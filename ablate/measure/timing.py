@@ -94,7 +94,7 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(n, c, int(size), int(size), generator=g).to(device)
     y = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
-    t = torch.randint(0, 1000, (n,), generator=g).to(device)
+    t = torch.randint(0, 1000, (n,), generator=g).to(device)  # for the forward pass
     out: dict = {"timing_precision": s.precision, "compile": s.compile, "batch_size": n}
     fwd = torch.compile(model) if s.compile else model
     diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
@@ -115,16 +115,17 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
         out["fwd_peak_mem_mb"] = _peak_mb(device)
 
     if "train" in s.modes:
+        # The step that training runs: hybrid loss, backward, fused AdamW, EMA update.
+        from ..train import make_optimizer, train_step, trainable, update_ema
+
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0,
-                                fused=device.type in ("cuda", "cpu"))
+        params = trainable(model)
+        ema_params = [p.detach().clone() for p in params]
+        opt = make_optimizer(params)
 
         def step():
-            with precision_context(device, s.precision):
-                loss = diffusion.training_losses(fwd, x, t, {"y": y})["loss"].mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(fwd, diffusion, opt, params, x, y, precision=s.precision)
+            update_ema(ema_params, params, 0.9999)
 
         step()
         _reset_peak(device)
