@@ -104,13 +104,16 @@ def _write_tables(store, df) -> None:
     from .store import write_atomic
 
     write_atomic(store.root / "table.csv", df.to_csv(index=False))
-    cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
-    write_atomic(store.root / "table.md", df[cols].to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_atomic(store.root / "table.md", df[_summary_columns(df)].to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def _summary_columns(df) -> list[str]:
+    return [c for c in SUMMARY_COLUMNS if c in df.columns and not (c == "error" and not df[c].any())]
 
 
 def _print_table(df, columns, fmt, output=None):
     if columns is None:
-        columns = [c for c in SUMMARY_COLUMNS if c in df.columns and not (c == "error" and not df[c].any())]
+        columns = _summary_columns(df)
     df = df[columns]
     if fmt == "markdown":
         text = df.to_markdown(index=False, floatfmt=".4g")

@@ -8,7 +8,7 @@ and a grid that adds ``timing`` to ``measure:`` keeps the ``flops`` it already h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from ..registry import Registry
