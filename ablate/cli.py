@@ -124,10 +124,16 @@ def _print_table(df, columns, fmt, output=None):
     else:
         if not output:
             _fail("--format parquet needs --output FILE")
-        df.to_parquet(output, index=False)
+        try:
+            df.to_parquet(output, index=False)
+        except (OSError, ImportError) as e:
+            _fail(f"--output {output}: {' '.join(str(e).split())}")
         return
     if output:
-        Path(output).write_text(text + "\n")
+        try:
+            Path(output).write_text(text + "\n")
+        except OSError as e:
+            _fail(f"--output {output}: {e.strerror or e}")
     else:
         click.echo(text)
 
@@ -154,15 +160,18 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
 
     from .store import Store
 
-    if results is None:
-        from .grid import find_grid
+    from .grid import find_grid
+    from .run import run_id
 
-        path = find_grid(grid)
-        results = _results_dir(None, _load(grid).name if path.is_file() else str(grid))
+    g = _load(grid) if find_grid(grid).is_file() else None
+    if results is None:
+        results = _results_dir(None, g.name if g else str(grid))
     store = Store(results)
     if not (store.root / "cells").is_dir():
         _fail(f"{store.root}: no results here (run `ablate run` first, or pass --results DIR)")
     df = store.table()
+    if g is not None and len(df):  # the grid's cells as the file now defines them
+        df = df[df["run_id"].isin({run_id(c) for c in g.cells})]
     if query:
         try:
             df = df.query(query)
@@ -174,12 +183,18 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
         df = df.sort_values(keys)
     if pivot:
         parts = pivot.split(":")
-        if len(parts) != 3:
-            _fail(f"--pivot {pivot!r}: expected INDEX:COLUMNS:VALUES, e.g. model:block:gflops")
+        if len(parts) != 3 or len(set(parts)) != 3:
+            _fail(f"--pivot {pivot!r}: expected INDEX:COLUMNS:VALUES, three different columns, "
+                  "e.g. model:block:gflops")
         _check_columns(parts, df, "--pivot")
-        df = pd.pivot_table(df, index=parts[0], columns=parts[1], values=parts[2], aggfunc="mean", sort=False).reset_index()
-        df.columns.name = None
-        columns = ",".join(map(str, df.columns)) if columns is None else columns
+        numeric = pd.api.types.is_numeric_dtype(df[parts[2]])
+        try:
+            df = pd.pivot_table(df, index=parts[0], columns=parts[1], values=parts[2],
+                                aggfunc="mean" if numeric else "first", sort=False).reset_index()
+        except (TypeError, ValueError) as e:
+            _fail(f"--pivot {pivot!r}: {' '.join(str(e).split())}")
+        df.columns = [str(c) for c in df.columns]
+        columns = ",".join(df.columns) if columns is None else columns
     if columns == "all":
         cols = list(df.columns)
     elif columns:

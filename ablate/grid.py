@@ -155,6 +155,7 @@ def load_grid(path: str | Path, shown: str | None = None) -> Grid:
     axes = raw.get("grid") or {}
     if not isinstance(axes, dict):
         raise err("grid", f"expected a mapping of axis -> list of values, got {axes!r}")
+    _string_keys(axes, "grid", err)
     for k, values in list(axes.items()):
         if not isinstance(values, list):
             values = axes[k] = [values]  # a single value is an axis of one
@@ -163,6 +164,7 @@ def load_grid(path: str | Path, shown: str | None = None) -> Grid:
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise err("base", f"expected a mapping of settings, got {base!r}")
+    _string_keys(base, "base", err)
     exclude = raw.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         raise err("exclude", "expected a list of mappings such as {model: DiT-S/2, block: adaln}")
@@ -221,6 +223,15 @@ def import_plugins(imports, folder: Path, shown: str) -> None:
             raise
         except Exception as e:  # noqa: BLE001  -- the user's module failed; say so in one line
             raise ConfigError("imports", f"{item!r} failed to import: {type(e).__name__}: {e}", file=shown) from None
+
+
+def _string_keys(d: dict, where: str, err) -> None:
+    """Setting names are text; YAML also allows numbers and booleans as keys."""
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise err(f"{where}.{k}", f"a setting name must be text, got {k!r}")
+        if isinstance(v, dict) and where != "grid":
+            _string_keys(v, f"{where}.{k}", err)
 
 
 def _matches(value: Any, pattern: Any) -> bool:

@@ -126,8 +126,20 @@ def _digest(obj: Any) -> str:
 
 
 def run_id(config: dict) -> str:
-    """Stable id of a cell: a hash of its canonical settings less the measurement list."""
-    return _digest({k: v for k, v in config.items() if k != "measure"})
+    """Stable id of a cell: a hash of its canonical settings less the measurement list, with
+    each measurement section reduced to what differs from its defaults, so that adding a
+    measurement with default settings to ``measure:`` keeps the cell's id."""
+    ident = {}
+    for k, v in config.items():
+        if k == "measure":
+            continue
+        if k in MEASURES and MEASURES.get(k).settings is not None and isinstance(v, dict):
+            defaults = dataclasses.asdict(MEASURES.get(k).settings())
+            v = {f: x for f, x in v.items() if defaults.get(f, object()) != x}
+            if not v:
+                continue
+        ident[k] = v
+    return _digest(ident)
 
 
 def measurement_key(config: dict, name: str) -> str:

@@ -55,6 +55,7 @@ def cell_keys(config: dict) -> dict[str, str]:
 
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True) -> Summary:
     summary = Summary()
+    started_here = now()
     cells = [(c, run_id(c), cell_keys(c)) for c in grid.cells]
     for index, (config, rid, keys) in enumerate(cells):
         store.save_cell(rid, config, keys, index)
@@ -62,12 +63,13 @@ def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: 
     for config, rid, keys in bar:
         bar.set_postfix_str(label(config))
         for name in config["measure"]:
-            _measure(config, rid, keys, name, store, summary, retry_failed, progress)
+            _measure(config, rid, keys, name, store, summary, retry_failed, progress, started_here)
     bar.close()
     return summary
 
 
-def _measure(config, rid, keys, name, store: Store, summary: Summary, retry_failed, progress) -> None:
+def _measure(config, rid, keys, name, store: Store, summary: Summary, retry_failed, progress,
+             started_here: str = "") -> None:
     key = keys[name]
 
     def done(res):
@@ -84,14 +86,19 @@ def _measure(config, rid, keys, name, store: Store, summary: Summary, retry_fail
             summary.busy.append((label(config), name))
             return
         res = store.result(key)  # another process may have finished it before we locked
-        if done(res):
-            summary.reused += 1
+        if res is not None and (done(res) or res.get("finished", "") >= started_here):
+            summary.reused += 1  # done, or retried by another runner since this one started
+            if res["status"] == "failed":
+                summary.failed.append((label(config), name, res.get("error", "")))
             return
         m = MEASURES.get(name)
         needed, missing = {}, []
         for dep in m.needs:
             dep_res = store.result(keys[dep])
-            if dep_res is None or dep_res["status"] != "ok":
+            if dep_res is None:  # another runner is still measuring it: come back later
+                summary.busy.append((label(config), name))
+                return
+            if dep_res["status"] != "ok":
                 missing.append(dep)
             else:
                 needed[dep] = dep_res["metrics"]

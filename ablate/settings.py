@@ -23,7 +23,7 @@ class ConfigError(ValueError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = ": ".join(p for p in (self.file, self.key) if p)
+        where = ": ".join(str(p) for p in (self.file, self.key) if p not in (None, ""))
         return f"{where}: {self.message}" if where else self.message
 
 
@@ -66,7 +66,10 @@ def _type_name(hint: Any) -> str:
 
 
 def _coerce_float(value: Any) -> Any:
-    # PyYAML reads "1e-4" (no dot) as a string; a user means the number.
+    # PyYAML reads "1e-4" (no dot) as a string; a user means the number. And 1 means 1.0:
+    # the two spellings must hash alike.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     if isinstance(value, str):
         try:
             return float(value)

@@ -163,3 +163,25 @@ def test_missing_file_is_one_line(tmp_path, monkeypatch):
 def test_validate_reports_the_cells(tmp_path):
     result = CliRunner().invoke(main, ["validate", str(write(tmp_path, BASIC))])
     assert result.exit_code == 0 and "14 cells" in result.output
+
+
+def test_adding_a_measurement_with_default_settings_keeps_the_cell_id(tmp_path):
+    a = load_grid(write(tmp_path, "base: {model: DiT-T/4, data: {name: digits, image_size: 16}}", "a.yaml"))
+    b = load_grid(write(tmp_path, "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, "
+                                  "measure: [flops, timing]}", "b.yaml"))
+    c = load_grid(write(tmp_path, "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, "
+                                  "measure: [timing], timing: {batch_size: 4}}", "c.yaml"))
+    assert run_id(a.cells[0]) == run_id(b.cells[0]) != run_id(c.cells[0])
+
+
+def test_one_and_one_point_zero_are_one_cell_and_flops_see_the_null_class(tmp_path):
+    g = load_grid(write(tmp_path, "grid: {class_dropout_prob: [0, 0.0, 0.1]}\n"
+                                  "base: {model: DiT-T/4, data: {name: digits, image_size: 16}}"))
+    assert len(g.cells) == 2  # 0 and 0.0 are the same setting
+    # The null-class row of the label table exists only with dropout: a different count.
+    assert measurement_key(g.cells[0], "flops") != measurement_key(g.cells[1], "flops")
+
+
+def test_non_text_setting_names_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="base.5: a setting name must be text"):
+        load_grid(write(tmp_path, "base: {model: DiT-T/4, 5: x}"))

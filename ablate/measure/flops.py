@@ -139,7 +139,7 @@ def count_flops(model_kwargs: dict, *, exact: bool = False) -> dict[str, float]:
 
 
 @register_measure("flops", uses=("model", "block", "input_size", "in_channels", "num_classes",
-                                 "learn_sigma", "data"))
+                                 "learn_sigma", "class_dropout_prob", "data"))
 def flops(run) -> dict:
     """Gflops of one forward pass of one image (fvcore, one multiply-add = one flop) and params."""
     kwargs = run.model_kwargs
