@@ -186,7 +186,7 @@ def load_grid(path: str | Path, shown: str | None = None) -> Grid:
         try:
             config = resolve(settings)
         except ConfigError as e:
-            raise err(_written_at(e.key, keys, point), e.message) from None
+            raise err(_written_at(e.key, keys), e.message) from None
         rid = run_id(config)
         if rid not in seen_ids:  # two spellings of one cell (DiT-S/2 vs size S + patch 2) run once
             seen_ids.add(rid)
@@ -238,7 +238,7 @@ def _matches(value: Any, pattern: Any) -> bool:
     return value in pattern if isinstance(pattern, list) else value == pattern
 
 
-def _written_at(key: str, axes: list[str], point: dict) -> str:
+def _written_at(key: str, axes: list[str]) -> str:
     """The key as the user wrote it: under grid: if an axis set it, else under base:."""
     for a in axes:
         if key == a or key.startswith(a + ".") or a.startswith(key + "."):

@@ -35,11 +35,17 @@ def test_training_step_in_timing_updates_the_weights():
 
 
 def test_peak_rss_reset_tracks_a_new_allocation():
+    import mmap
+
     _reset_peak(torch.device("cpu"))
     base = _peak_mb(torch.device("cpu"))
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # Fresh pages straight from the kernel: a tensor could reuse memory the allocator kept
+    # resident after earlier tests, and then the resident set would not grow.
+    m = mmap.mmap(-1, 64 * 2**20)
+    for i in range(0, len(m), 4096):
+        m[i] = 1  # touch every page
     assert _peak_mb(torch.device("cpu")) >= base + 50
-    del x
+    m.close()
 
 
 def test_matmul_peak_is_positive_and_cached():

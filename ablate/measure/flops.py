@@ -63,8 +63,8 @@ FREE_OPS = frozenset(
 
 
 def _example_inputs(model: nn.Module, batch: int = 1, device="cpu", dtype=torch.float32):
-    size = model.x_embedder.num_patches ** 0.5 * model.patch_size
-    x = torch.randn(batch, model.in_channels, int(size), int(size), device=device, dtype=dtype)
+    size = model.input_size
+    x = torch.randn(batch, model.in_channels, size, size, device=device, dtype=dtype)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
     return x, t, y

@@ -90,9 +90,9 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
                gflops: float | None = None) -> dict:
     """Time forward and training step of ``model`` (a DiT) on synthetic inputs."""
     s = dataclasses.replace(s, precision=resolve_precision(device, s.precision))
-    n, c, size = s.batch_size, model.in_channels, model.x_embedder.num_patches**0.5 * model.patch_size
+    n, c, size = s.batch_size, model.in_channels, model.input_size
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(n, c, int(size), int(size), generator=g).to(device)
+    x = torch.randn(n, c, size, size, generator=g).to(device)
     y = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
     t = torch.randint(0, 1000, (n,), generator=g).to(device)  # for the forward pass
     out: dict = {"timing_precision": s.precision, "compile": s.compile, "batch_size": n}

@@ -155,6 +155,7 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.input_size = input_size
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
