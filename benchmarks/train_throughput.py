@@ -34,7 +34,8 @@ from tabulate import tabulate
 
 from ablate.diffusion import create_diffusion
 from ablate.measure.flops import count_flops
-from ablate.measure.peak import matmul_peak_tflops, native_bf16, synchronize
+from ablate.measure.peak import matmul_peak_tflops
+from ablate.precision import native_bf16, synchronize
 from ablate.models import create_model, naive_attention
 from ablate.models.blocks import attention
 from ablate.train import make_optimizer, train_step, trainable, update_ema

@@ -7,7 +7,7 @@ from PIL import Image
 
 import ablate.train as train_mod
 from ablate.data import build_dataset
-from ablate.measure.peak import native_bf16
+from ablate.precision import native_bf16
 from ablate.models import DiT
 from ablate.settings import ConfigError, parse
 from ablate.train import TrainSettings, sample_images, train, update_ema

@@ -18,7 +18,8 @@ import torch
 from ..diffusion import create_diffusion
 from ..settings import choice, positive
 from . import register_measure
-from .peak import PRECISIONS, matmul_peak_tflops, precision_context, resolve_precision, synchronize
+from ..precision import PRECISIONS, precision_context, resolve_precision, synchronize
+from .peak import matmul_peak_tflops
 
 MODES = ("forward", "train")
 
