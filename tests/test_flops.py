@@ -4,15 +4,12 @@ import pytest
 import torch
 
 from ablate.measure import flops as F
-from ablate.models import SIZES, create_model, naive_attention, parse_model_name
+from ablate.models import create_model, dit_kwargs, naive_attention
 from conftest import REFERENCE
 
 
 def paper_kwargs(name, block="adaln-zero"):
-    size, p = parse_model_name(name)
-    s = SIZES.get(size)
-    return dict(input_size=32, patch_size=p, in_channels=4, hidden_size=s.hidden_size, depth=s.depth,
-                num_heads=s.num_heads, num_classes=1000, learn_sigma=True, block=block)
+    return dit_kwargs(name, block=block)  # the paper's setting: 32x32x4 latents, 1000 classes
 
 
 TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
