@@ -1,11 +1,9 @@
-import csv
-
 import pytest
 import torch
 
 from ablate.measure import flops as F
 from ablate.models import create_model, dit_kwargs, naive_attention
-from conftest import REFERENCE
+from conftest import table4
 
 
 def paper_kwargs(name, block="adaln-zero"):
@@ -57,12 +55,7 @@ def test_depth_extrapolation_equals_the_full_trace(block):
     assert F.count_flops(kw) == pytest.approx(F.count_flops(kw, exact=True), rel=1e-12)
 
 
-def _reference():
-    with open(REFERENCE / "dit_table4_256.csv") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.mark.parametrize("row", _reference(), ids=lambda r: r["model"])
+@pytest.mark.parametrize("row", table4(), ids=lambda r: r["model"])
 def test_paper_gflops_within_half_a_percent(row):
     got = F.count_flops(paper_kwargs(row["model"]))
     paper = float(row["gflops"])
