@@ -1,6 +1,6 @@
 """Validated settings: plain dicts from YAML in, dataclasses out, one clear line on error.
 
-A section of a run's settings (``timing``, ``train``, ...) is a dataclass; ``parse`` checks
+A section of a cell's settings (``timing``, ``train``, ...) is a dataclass; ``parse`` checks
 that a mapping has only its fields (did-you-mean otherwise), that each value has the
 field's type, and then runs the class's own ``check()``. Every error is a ``ConfigError``
 naming the dotted key and the value, so the CLI can print one line and exit 2.

@@ -1,6 +1,6 @@
 """Training a DiT as the paper does: DDPM loss, AdamW at a constant 1e-4, an EMA copy.
 
-``train`` runs the loop for one grid run and returns one flat row of summary metrics
+``train`` runs the loop for one grid cell and returns one flat row of summary metrics
 (plus its ``log`` and ``evals`` lists, which tables skip). It is written for throughput:
 the step has no host-device syncs (the loss is summed on the device and read once per
 log window), AdamW is fused where PyTorch has the kernel, the EMA is one foreach lerp
