@@ -100,9 +100,8 @@ class Runner:
         """Whether the step's stored result stands: ok, or failed and not to be retried, or
         retried by another runner since this one started. Counts it if so."""
         res = self.store.result(step.key)
-        if res is None:
-            return False
-        if not (res["status"] == "ok" or not self.retry_failed or res.get("finished", "") >= self.started):
+        retried_since = res is not None and res.get("finished", "") >= self.started
+        if res is None or (res["status"] == "failed" and self.retry_failed and not retried_since):
             return False
         self.summary.reused += 1
         if res["status"] == "failed":
