@@ -9,12 +9,8 @@ from pathlib import Path
 
 import click
 
-from .settings import ConfigError
+from .settings import ConfigError, one_line
 
-# Columns shown when none are asked for: identity first, then what each measurement adds.
-SUMMARY_COLUMNS = ["model", "block", "seed", "status", "gflops", "params_m", "fwd_ms", "fwd_img_per_s",
-                   "step_ms", "step_img_per_s", "step_mfu", "final_loss", "train_img_per_s",
-                   "train_wall_s", "error"]
 FORMATS = ("markdown", "csv", "json", "parquet")
 
 
@@ -25,9 +21,7 @@ def _fail(message: str, code: int = 2):
 
 def _load(grid_arg: str | None):
     from .grid import find_grid, load_grid
-    from .measure import load_builtin
 
-    load_builtin()
     path = find_grid(grid_arg)
     try:
         return load_grid(path, shown=grid_arg or str(path))
@@ -71,8 +65,9 @@ def run(grid, results, dry_run, retry_failed, progress):
     and several `ablate run` processes on one results folder share the work. Exits 1 if
     any cell failed (its error is in the table), 2 on bad input.
     """
+    from .cell import cell_id, label
+    from .measure import default_columns
     from .runner import cell_keys, run_grid
-    from .run import label, run_id
     from .store import Store
 
     g = _load(grid)
@@ -84,14 +79,13 @@ def run(grid, results, dry_run, retry_failed, progress):
         for c in g.cells:
             keys = cell_keys(c)
             state = {n: (store.result(k) or {}).get("status", "pending") for n, k in keys.items()}
-            rows.append([run_id(c), label(c), ", ".join(f"{n}:{s}" for n, s in state.items())])
-        click.echo(tabulate(rows, headers=["run_id", "cell", "measurements"]))
+            rows.append([cell_id(c), label(c), ", ".join(f"{n}:{s}" for n, s in state.items())])
+        click.echo(tabulate(rows, headers=["cell_id", "cell", "measurements"]))
         click.echo(f"{len(g.cells)} cells; results in {store.root}")
         return
     summary = run_grid(g, store, retry_failed=retry_failed, progress=progress)
-    df = store.table()
-    _write_tables(store, df)
-    _print_table(df[df["run_id"].isin([run_id(c) for c in g.cells])], None, "markdown")
+    df = store.write_tables(default_columns())
+    _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
     click.echo(f"\n{summary.measured} measured, {summary.reused} reused, {len(summary.failed)} failed, "
                f"{len(summary.busy)} held by another process; table: {store.root / 'table.csv'}")
     for cell, name, err in summary.failed:
@@ -100,20 +94,12 @@ def run(grid, results, dry_run, retry_failed, progress):
         sys.exit(1)
 
 
-def _write_tables(store, df) -> None:
-    from .store import write_atomic
-
-    write_atomic(store.root / "table.csv", df.to_csv(index=False))
-    write_atomic(store.root / "table.md", df[_summary_columns(df)].to_markdown(index=False, floatfmt=".4g") + "\n")
-
-
-def _summary_columns(df) -> list[str]:
-    return [c for c in SUMMARY_COLUMNS if c in df.columns and not (c == "error" and not df[c].any())]
-
-
 def _print_table(df, columns, fmt, output=None):
     if columns is None:
-        columns = _summary_columns(df)
+        from .measure import default_columns
+        from .store import shown_columns
+
+        columns = shown_columns(df, default_columns())
     df = df[columns]
     if fmt == "markdown":
         text = df.to_markdown(index=False, floatfmt=".4g")
@@ -127,7 +113,7 @@ def _print_table(df, columns, fmt, output=None):
         try:
             df.to_parquet(output, index=False)
         except (OSError, ImportError) as e:
-            _fail(f"--output {output}: {' '.join(str(e).split())}")
+            _fail(f"--output {output}: {one_line(e)}")
         return
     if output:
         try:
@@ -158,10 +144,9 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
     """
     import pandas as pd
 
-    from .store import Store
-
+    from .cell import cell_id
     from .grid import find_grid
-    from .run import run_id
+    from .store import Store
 
     g = _load(grid) if find_grid(grid).is_file() else None
     if results is None:
@@ -171,12 +156,12 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
         _fail(f"{store.root}: no results here (run `ablate run` first, or pass --results DIR)")
     df = store.table()
     if g is not None and len(df):  # the grid's cells as the file now defines them
-        df = df[df["run_id"].isin({run_id(c) for c in g.cells})]
+        df = df[df["cell_id"].isin({cell_id(c) for c in g.cells})]
     if query:
         try:
             df = df.query(query)
         except Exception as e:  # noqa: BLE001  -- pandas raises many kinds
-            _fail(f"--query {query!r}: {' '.join(str(e).split())}{_column_hint(e, df)}")
+            _fail(f"--query {query!r}: {one_line(e)}{_column_hint(e, df)}")
     if sort:
         keys = sort.split(",")
         _check_columns(keys, df, "--sort")
@@ -192,7 +177,7 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
             df = pd.pivot_table(df, index=parts[0], columns=parts[1], values=parts[2],
                                 aggfunc="mean" if numeric else "first", sort=False).reset_index()
         except (TypeError, ValueError) as e:
-            _fail(f"--pivot {pivot!r}: {' '.join(str(e).split())}")
+            _fail(f"--pivot {pivot!r}: {one_line(e)}")
         df.columns = [str(c) for c in df.columns]
         columns = ",".join(df.columns) if columns is None else columns
     if columns == "all":
@@ -240,10 +225,9 @@ def ls(what):
     from tabulate import tabulate
 
     from .data import DATASETS
-    from .measure import MEASURES, load_builtin
+    from .measure import MEASURES
     from .models import BLOCKS, MODELS, SIZES
 
-    load_builtin()
     tables = {
         "sizes": (["size", "depth", "hidden_size", "num_heads"],
                   [[n, s.depth, s.hidden_size, s.num_heads] for n, s in SIZES.items()]),

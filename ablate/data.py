@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 import os
-import types
 import typing
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Registry, did_you_mean
+from .settings import ConfigError, one_line, type_name, type_ok
 
 DATASETS: Registry = Registry("dataset")
 register_dataset = DATASETS.register
@@ -166,10 +165,11 @@ def build_dataset(cfg: Mapping) -> ImageData:
 
 def check_dataset_config(cfg: Mapping) -> dict:
     """Validate a dataset config without loading anything; returns it with the loader's
-    defaults filled in (so that two spellings of the same dataset hash alike)."""
+    defaults filled in (so that two spellings of the same dataset hash alike). Raises
+    ConfigError at the option's key (``image_size``), or UnknownName for the dataset's name."""
     if not isinstance(cfg, Mapping) or "name" not in cfg:
-        raise ValueError(f"a dataset config needs a 'name' (one of: {', '.join(DATASETS.names())}), "
-                         f"got {cfg!r}")
+        raise ConfigError("name", f"a dataset config needs a 'name' (one of: {', '.join(DATASETS.names())}), "
+                          f"got {cfg!r}")
     options = dict(cfg)
     name = options.pop("name")
     loader = DATASETS.get(name)
@@ -188,38 +188,16 @@ def _check_options(name: str, loader, options: dict) -> None:
         if key not in named:
             if takes_any:
                 continue
-            raise ValueError(f"dataset {name!r}: unknown option {key}={value!r}{did_you_mean(key, named)}; "
-                             f"options: {', '.join(named)}")
-        if key in hints and not _is_instance(value, hints[key]):
-            raise ValueError(f"dataset {name!r}: option {key}={value!r} must be {_type_name(hints[key])}")
+            raise ConfigError(key, f"unknown option of dataset {name!r}{did_you_mean(key, named)}; "
+                              f"options: {', '.join(named)}")
+        if key in hints and not type_ok(value, hints[key]):
+            raise ConfigError(key, f"{value!r} is not {type_name(hints[key])}")
     missing = [k for k in named if params[k].default is inspect.Parameter.empty and k not in options]
     if missing:
-        raise ValueError(f"dataset {name!r}: missing option {missing[0]} (required: {', '.join(missing)})")
+        raise ConfigError(missing[0], f"dataset {name!r} needs this option (required: {', '.join(missing)})")
     size = options.get("image_size")
     if size is not None and size <= 0:
-        raise ValueError(f"dataset {name!r}: option image_size={size!r} must be a positive integer")
-
-
-def _is_instance(value, hint) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_is_instance(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, (bool, np.bool_))
-    if isinstance(value, (bool, np.bool_)):  # bool is an int to Python, but True is no image size
-        return False
-    if hint is int:
-        return isinstance(value, numbers.Integral)
-    if hint is float:
-        return isinstance(value, numbers.Real)
-    return isinstance(value, typing.get_origin(hint) or hint)
-
-
-def _type_name(hint) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+        raise ConfigError("image_size", f"{size!r} must be > 0")
 
 
 # ---------------------------------------------------------------------------------
@@ -243,12 +221,6 @@ def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
 
 def _data_root(root: str | os.PathLike | None) -> Path:
     return Path(root if root is not None else DEFAULT_ROOT).expanduser()
-
-
-def _last_line(err: BaseException) -> str:
-    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    text = lines[-1] if lines else type(err).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 # ---------------------------------------------------------------------------------
@@ -293,7 +265,7 @@ def _torchvision_dataset(cls_name: str, name: str, root, train: bool):
         return cls(str(path), train=train, download=True)
     except (OSError, RuntimeError, HTTPException) as e:
         raise DatasetUnavailable(
-            f"{name}: not found under {path} and the download failed ({_last_line(e)}); "
+            f"{name}: not found under {path} and the download failed ({one_line(e)}); "
             f"place {_TORCHVISION_FILES[cls_name]} under that folder, or set the 'root' option "
             f"to a folder that holds them") from None
 
@@ -345,7 +317,7 @@ def imagefolder(image_size: int, root: str | os.PathLike | None = None, *, chann
         folder = ImageFolder(str(path))
     except (FileNotFoundError, NotADirectoryError) as e:
         raise DatasetUnavailable(
-            f"imagefolder: no images under root={str(path)!r} ({_last_line(e)}); "
+            f"imagefolder: no images under root={str(path)!r} ({one_line(e)}); "
             f"set the 'root' option to a folder with one subfolder of images per class") from None
     paths = [p for p, _ in folder.samples]
     mode = "L" if channels == 1 else "RGB"

@@ -11,6 +11,7 @@ CUDA-graphed training step.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -19,6 +20,7 @@ import torch
 
 ModelFn = Callable[..., torch.Tensor]
 LOSSES = ("hybrid", "mse")
+SAMPLERS = ("ddpm", "ddim")  # ancestral, and DDIM (Song et al. 2021)
 
 
 # ---------------------------------------------------------------------------------
@@ -350,40 +352,14 @@ class GaussianDiffusion:
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": p["pred_xstart"]}
 
-    def _loop(self, step, model_fn, shape, noise, device, progress, generator, **kw):
-        if noise is not None:
-            x = noise
-        else:
-            x = self._randn(shape, device or "cpu", generator)
-        for i in self._steps(progress):
-            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
-            x = step(model_fn, x, t, generator=generator, **kw)["sample"]
-        return x
-
     @torch.no_grad()
-    def p_sample_loop(
+    def sample(
         self,
         model_fn: ModelFn,
         shape: tuple[int, ...],
         model_kwargs: dict | None = None,
-        noise: torch.Tensor | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        clip_denoised: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Ancestral (DDPM) sampling from pure noise over all steps; returns x_0 samples."""
-        return self._loop(
-            self.p_sample, model_fn, shape, noise, device, progress, generator,
-            model_kwargs=model_kwargs, clip_denoised=clip_denoised,
-        )
-
-    @torch.no_grad()
-    def ddim_sample_loop(
-        self,
-        model_fn: ModelFn,
-        shape: tuple[int, ...],
-        model_kwargs: dict | None = None,
+        *,
+        sampler: str = "ddpm",
         noise: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
@@ -391,8 +367,13 @@ class GaussianDiffusion:
         eta: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """DDIM sampling from pure noise over all steps; returns x_0 samples."""
-        return self._loop(
-            self.ddim_sample, model_fn, shape, noise, device, progress, generator,
-            model_kwargs=model_kwargs, clip_denoised=clip_denoised, eta=eta,
-        )
+        """Samples x_0 from pure noise over all steps: ancestral (``sampler="ddpm"``) or DDIM
+        (``"ddim"``, with ``eta``: 0 deterministic, 1 DDPM's variance)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        step = self.p_sample if sampler == "ddpm" else functools.partial(self.ddim_sample, eta=eta)
+        x = noise if noise is not None else self._randn(shape, device or "cpu", generator)
+        for i in self._steps(progress):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            x = step(model_fn, x, t, model_kwargs, clip_denoised, generator=generator)["sample"]
+        return x

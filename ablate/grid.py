@@ -13,7 +13,7 @@
       data: {name: digits, image_size: 32}
       measure: [flops, timing]
 
-Every cell is resolved (``ablate.run.resolve``) when the file is loaded, so a mistake in
+Every cell is resolved (``ablate.cell.resolve``) when the file is loaded, so a mistake in
 any cell is reported before anything runs, as one ``ConfigError`` naming the file, the key
 as written in the file, and the value.
 """
@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from .registry import did_you_mean
-from .run import resolve, run_id
+from .cell import cell_id, resolve
 from .settings import ConfigError
 
 TOP_KEYS = ("name", "description", "include", "imports", "grid", "exclude", "base")
@@ -47,10 +47,6 @@ class Grid:
     base: dict = field(default_factory=dict)
     description: str = ""
     cells: list[dict] = field(default_factory=list)  # resolved settings, one per cell
-
-    @property
-    def text(self) -> str:
-        return Path(self.path).read_text()
 
 
 def find_grid(name_or_path: str | None) -> Path:
@@ -187,9 +183,9 @@ def load_grid(path: str | Path, shown: str | None = None) -> Grid:
             config = resolve(settings)
         except ConfigError as e:
             raise err(_written_at(e.key, keys), e.message) from None
-        rid = run_id(config)
-        if rid not in seen_ids:  # two spellings of one cell (DiT-S/2 vs size S + patch 2) run once
-            seen_ids.add(rid)
+        cid = cell_id(config)
+        if cid not in seen_ids:  # two spellings of one cell (DiT-S/2 vs size S + patch 2) run once
+            seen_ids.add(cid)
             cells.append(config)
     if not cells:
         raise err("grid", "the grid has no cells (every cell is excluded)" if exclude else "the grid has no cells")

@@ -1,12 +1,14 @@
 """Run a grid: every cell's pending measurements, each claimed, measured, stored once.
 
-A failing measurement (exception, NaN, out of memory) becomes a stored result with status
-``failed`` and its error, and the other cells go on. Ctrl-C or ``kill -9`` loses at most
-the measurement in flight: its lock dies with the process and a re-run redoes only it
-(training resumes from its last checkpoint).
+A failing measurement (exception, NaN, out of memory, a metric named like a setting or
+like another measurement's metric) becomes a stored result with status ``failed`` and its
+error, and the other cells go on. Ctrl-C or ``kill -9`` loses at most the measurement in
+flight: its lock dies with the process and a re-run redoes only it (training resumes from
+its last checkpoint).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import traceback
@@ -16,11 +18,12 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
+from .cell import Cell, Needed, cell_id, label, measurement_key
 from .env import environment
 from .grid import Grid
 from .measure import MEASURES
-from .run import Run, label, measurement_key, run_id
-from .store import Store
+from .settings import one_line
+from .store import Store, flatten
 
 
 @dataclass
@@ -31,22 +34,26 @@ class Summary:
     busy: list[tuple[str, str]] = field(default_factory=list)  # held by another process
 
 
+@dataclass
+class Step:
+    """One measurement of one cell."""
+
+    config: dict
+    cell_id: str
+    keys: dict[str, str]  # measurement name -> result key, for the cell's every measurement
+    name: str
+
+    @property
+    def key(self) -> str:
+        return self.keys[self.name]
+
+    @property
+    def label(self) -> str:
+        return label(self.config)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _one_line(err: BaseException) -> str:
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return "out of memory"
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _non_finite(metrics: dict) -> str | None:
-    for k, v in metrics.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            return f"{k} is {v}"
-    return None
 
 
 def cell_keys(config: dict) -> dict[str, str]:
@@ -54,81 +61,117 @@ def cell_keys(config: dict) -> dict[str, str]:
 
 
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True) -> Summary:
-    summary = Summary()
-    started_here = now()
-    cells = [(c, run_id(c), cell_keys(c)) for c in grid.cells]
-    for index, (config, rid, keys) in enumerate(cells):
-        store.save_cell(rid, config, keys, index)
+    runner = Runner(store, retry_failed=retry_failed, progress=progress)
+    cells = [(c, cell_id(c), cell_keys(c)) for c in grid.cells]
+    for index, (config, cid, keys) in enumerate(cells):
+        store.save_cell(cid, config, keys, index)
     bar = tqdm(cells, desc=grid.name, unit="cell", disable=not progress, dynamic_ncols=True)
-    for config, rid, keys in bar:
+    for config, cid, keys in bar:
         bar.set_postfix_str(label(config))
         for name in config["measure"]:
-            _measure(config, rid, keys, name, store, summary, retry_failed, progress, started_here)
+            runner.measure(Step(config, cid, keys, name))
     bar.close()
-    return summary
+    return runner.summary
 
 
-def _measure(config, rid, keys, name, store: Store, summary: Summary, retry_failed, progress,
-             started_here: str = "") -> None:
-    key = keys[name]
+class Runner:
+    """Measures steps into a store: skips what is done, claims what is not, records the rest."""
 
-    def done(res):
-        return res is not None and (res["status"] == "ok" or not retry_failed)
+    def __init__(self, store: Store, *, retry_failed: bool = False, progress: bool = True):
+        self.store, self.retry_failed, self.progress = store, retry_failed, progress
+        self.started = now()
+        self.summary = Summary()
 
-    res = store.result(key)
-    if done(res):
-        summary.reused += 1
-        if res["status"] == "failed":
-            summary.failed.append((label(config), name, res.get("error", "")))
-        return
-    with store.claim(key) as mine:
-        if not mine:
-            summary.busy.append((label(config), name))
+    def measure(self, step: Step) -> None:
+        if self._reuse(step):
             return
-        res = store.result(key)  # another process may have finished it before we locked
-        if res is not None and (done(res) or res.get("finished", "") >= started_here):
-            summary.reused += 1  # done, or retried by another runner since this one started
-            if res["status"] == "failed":
-                summary.failed.append((label(config), name, res.get("error", "")))
-            return
-        m = MEASURES.get(name)
-        needed, missing = {}, []
-        for dep in m.needs:
-            dep_res = store.result(keys[dep])
-            if dep_res is None:  # another runner is still measuring it: come back later
-                summary.busy.append((label(config), name))
+        with self.store.claim(step.key) as mine:
+            if not mine:
+                self.summary.busy.append((step.label, step.name))
                 return
-            if dep_res["status"] != "ok":
-                missing.append(dep)
+            if self._reuse(step):  # another process may have finished it before we locked
+                return
+            found = self._prerequisites(step)
+            if found is None:
+                return
+            self.store.save_result(step.key, self._run(step, *found))
+
+    def _reuse(self, step: Step) -> bool:
+        """Whether the step's stored result stands: ok, or failed and not to be retried, or
+        retried by another runner since this one started. Counts it if so."""
+        res = self.store.result(step.key)
+        retried_since = res is not None and res.get("finished", "") >= self.started
+        if res is None or (res["status"] == "failed" and self.retry_failed and not retried_since):
+            return False
+        self.summary.reused += 1
+        if res["status"] == "failed":
+            self.summary.failed.append((step.label, step.name, res.get("error", "")))
+        return True
+
+    def _prerequisites(self, step: Step) -> tuple[dict[str, Needed], list[str]] | None:
+        """The results of the measurements the step needs, and those that failed; None (and
+        the step counted busy) if one has no result because another runner holds it: this
+        process does not come back to the step, a later ``ablate run`` does."""
+        needed, failed = {}, []
+        for dep in MEASURES.get(step.name).needs:
+            res = self.store.result(step.keys[dep])
+            if res is None:
+                self.summary.busy.append((step.label, step.name))
+                return None
+            if res["status"] != "ok":
+                failed.append(dep)
             else:
-                needed[dep] = dep_res["metrics"]
-        run = Run(config, store.workdir(key), needed)
-        started, t0 = now(), time.perf_counter()
-        record = {"measure": name, "key": key, "run_id": rid, "started": started}
+                needed[dep] = Needed(res["metrics"], self.store.workdir(step.keys[dep]))
+        return needed, failed
+
+    def _run(self, step: Step, needed: dict[str, Needed], failed: list[str]) -> dict:
+        """Measure the step; its record, ok or failed."""
+        m = MEASURES.get(step.name)
+        cell = Cell(step.config, self.store.workdir(step.key), needed)
+        record = {"measure": step.name, "key": step.key, "cell_id": step.cell_id, "started": now()}
+        t0 = time.perf_counter()
         try:
-            if missing:
-                raise RuntimeError(f"needs {', '.join(missing)}, which did not succeed")
-            if config["threads"]:
-                torch.set_num_threads(config["threads"])
-            record["env"] = environment(run.device)
-            metrics = m.fn(run, progress=progress) if _takes_progress(m.fn) else m.fn(run)
-            bad = _non_finite(metrics)
-            if bad:
-                raise FloatingPointError(bad)
+            if failed:
+                raise RuntimeError(f"needs {', '.join(failed)}, which did not succeed")
+            if step.config["threads"]:
+                torch.set_num_threads(step.config["threads"])
+            record["env"] = environment(cell.device)
+            metrics = m.fn(cell, progress=self.progress) if _takes_progress(m.fn) else m.fn(cell)
+            _check_metrics(metrics, step, self.store)
             record.update(status="ok", metrics=metrics)
-            summary.measured += 1
+            self.summary.measured += 1
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # noqa: BLE001  -- any failure becomes a row
-            record.update(status="failed", error=_one_line(err), traceback=traceback.format_exc(),
-                          metrics={})
-            summary.failed.append((label(config), name, record["error"]))
+            error = "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError) else one_line(err, with_type=True)
+            record.update(status="failed", error=error, traceback=traceback.format_exc(), metrics={})
+            self.summary.failed.append((step.label, step.name, error))
         record["finished"] = now()
         record["wall_s"] = round(time.perf_counter() - t0, 3)
-        store.save_result(key, record)
+        return record
+
+
+class MetricNameClash(ValueError):
+    """A metric named like a setting column or like another measurement's metric in the cell."""
+
+
+def _check_metrics(metrics: dict, step: Step, store: Store) -> None:
+    """Refuse a non-finite metric, or one whose name another column of the cell's row has
+    (the table would show one value for two things)."""
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise FloatingPointError(f"{k} is {v}")
+    settings = flatten(step.config)
+    for k in metrics:
+        if k in settings:
+            raise MetricNameClash(f"metric {k!r} is also the name of a setting; prefix it ({step.name}_{k})")
+    for other, key in step.keys.items():
+        res = store.result(key) if other != step.name else None
+        clash = sorted(set(metrics) & set((res or {}).get("metrics", {})))
+        if clash:
+            raise MetricNameClash(f"metric {clash[0]!r} is also a metric of {other}; prefix it "
+                                  f"({step.name}_{clash[0]})")
 
 
 def _takes_progress(fn) -> bool:
-    import inspect
-
     return "progress" in inspect.signature(fn).parameters

@@ -1,6 +1,6 @@
 """Validated settings: plain dicts from YAML in, dataclasses out, one clear line on error.
 
-A section of a run's settings (``timing``, ``train``, ...) is a dataclass; ``parse`` checks
+A section of a cell's settings (``timing``, ``train``, ...) is a dataclass; ``parse`` checks
 that a mapping has only its fields (did-you-mean otherwise), that each value has the
 field's type, and then runs the class's own ``check()``. Every error is a ``ConfigError``
 naming the dotted key and the value, so the CLI can print one line and exit 2.
@@ -8,9 +8,12 @@ naming the dotted key and the value, so the CLI can print one line and exit 2.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from typing import Any, Mapping
+
+import numpy as np
 
 from .registry import did_you_mean
 
@@ -27,42 +30,55 @@ class ConfigError(ValueError):
         return f"{where}: {self.message}" if where else self.message
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
+def type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from YAML, JSON or numpy) has the type ``hint`` names. One checker
+    for settings sections and dataset options alike."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1] or (Any,)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+        return isinstance(value, (list, tuple)) and all(type_ok(v, item) for v in value)
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if hint is bool:
-        return isinstance(value, bool)
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):  # bool is an int to Python, but True is no batch size
+        return False
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # YAML reads 1e-4 as a string; accept ints and numeric strings
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint)
+        return isinstance(value, numbers.Integral)
+    if hint is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, origin or hint)
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
+    """``hint`` in words, for 'x is not <type_name>'."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+        return " or ".join(type_name(h) for h in typing.get_args(hint))
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin in (list, tuple):
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+        return f"a list of {type_name(typing.get_args(hint)[0])}"
     if hint is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def one_line(err: BaseException, *, with_type: bool = False) -> str:
+    """An exception as one line of text (white space folded), optionally after its type."""
+    text = " ".join(str(err).split())
+    if with_type:
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text or type(err).__name__
 
 
 def _coerce_float(value: Any) -> Any:
@@ -96,8 +112,8 @@ def parse(cls: type, value: Any, key: str) -> Any:
         hint = hints[name]
         if float in _flat_args(hint):
             v = _coerce_float(v)
-        if not _type_ok(v, hint):
-            raise ConfigError(f"{key}.{name}" if key else name, f"{v!r} is not {_type_name(hint)}")
+        if not type_ok(v, hint):
+            raise ConfigError(f"{key}.{name}" if key else name, f"{v!r} is not {type_name(hint)}")
         kwargs[name] = v
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -127,7 +143,3 @@ def choice(obj: Any, name: str, choices) -> None:
     v = getattr(obj, name)
     if v not in choices:
         raise ConfigError(name, f"{v!r} is not one of {', '.join(map(str, choices))}{did_you_mean(v, choices)}")
-
-
-def as_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)

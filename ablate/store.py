@@ -1,11 +1,11 @@
 """The results store of one grid: a folder that survives ``kill -9`` and concurrent runners.
 
     results/<name>/
-      cells/<run_id>.json                 # a cell's canonical settings and measurement keys
+      cells/<cell_id>.json                # a cell's canonical settings and measurement keys
       measurements/<measure>-<key>.json   # one result, keyed by a hash of its inputs
       work/<measure>-<key>/               # checkpoints and samples of long measurements
       locks/<measure>-<key>.lock          # held (fcntl) while a process measures it
-      table.csv, table.md                 # the table, rewritten after each run
+      table.csv, table.md                 # the table (write_tables), rewritten after each run
 
 Every file is written whole or not at all (temporary file, fsync, rename). A measurement
 is claimed with a POSIX lock, which the kernel releases when its process dies however it
@@ -48,12 +48,12 @@ class Store:
         self.root = Path(root)
 
     # ----- cells ------------------------------------------------------------------
-    def cell_path(self, rid: str) -> Path:
-        return self.root / "cells" / f"{rid}.json"
+    def cell_path(self, cell_id: str) -> Path:
+        return self.root / "cells" / f"{cell_id}.json"
 
-    def save_cell(self, rid: str, config: dict, keys: dict[str, str], index: int = 0) -> None:
-        path = self.cell_path(rid)
-        record = {"id": rid, "index": index, "config": config, "measurements": keys}
+    def save_cell(self, cell_id: str, config: dict, keys: dict[str, str], index: int = 0) -> None:
+        path = self.cell_path(cell_id)
+        record = {"id": cell_id, "index": index, "config": config, "measurements": keys}
         if path.exists():
             try:
                 if json.loads(path.read_text()) == json.loads(json.dumps(record, default=str)):
@@ -110,10 +110,12 @@ class Store:
 
     # ----- the table --------------------------------------------------------------
     def table(self) -> pd.DataFrame:
-        """One row per cell: flattened settings, every scalar metric, status, errors."""
+        """One row per cell: flattened settings, every scalar metric, status, errors. A metric
+        named like a column the row already has (a result stored before the runner refused
+        such names) is kept as ``<measure>:<metric>``, never dropped."""
         rows = []
         for cell in self.cells():
-            row = {"run_id": cell["id"]}
+            row = {"cell_id": cell["id"]}
             row.update(flatten(cell["config"]))
             statuses, errors, started, finished = [], [], [], []
             for name, key in cell["measurements"].items():
@@ -128,7 +130,7 @@ class Store:
                 finished.append(res.get("finished", ""))
                 for k, v in res.get("metrics", {}).items():
                     if _scalar(v):
-                        row[k] = v
+                        row[f"{name}:{k}" if k in row else k] = v
                 for k, v in res.get("env", {}).items():
                     row.setdefault(k, v)
             row["status"] = ("failed" if "failed" in statuses else
@@ -141,7 +143,20 @@ class Store:
         if not rows:
             return pd.DataFrame()
         # Rows in the grid file's order, not the hash order of the files.
-        return pd.DataFrame(rows).sort_values(["_index", "run_id"]).drop(columns="_index").reset_index(drop=True)
+        return pd.DataFrame(rows).sort_values(["_index", "cell_id"]).drop(columns="_index").reset_index(drop=True)
+
+    def write_tables(self, columns: list[str]) -> pd.DataFrame:
+        """Write ``table.csv`` (every column) and ``table.md`` (those of ``columns`` the table
+        has; ``error`` only when some cell failed); returns the table."""
+        df = self.table()
+        write_atomic(self.root / "table.csv", df.to_csv(index=False))
+        write_atomic(self.root / "table.md", df[shown_columns(df, columns)].to_markdown(index=False, floatfmt=".4g") + "\n")
+        return df
+
+
+def shown_columns(df: pd.DataFrame, columns: list[str]) -> list[str]:
+    """Those of ``columns`` that ``df`` has, less an all-empty ``error``."""
+    return [c for c in columns if c in df.columns and not (c == "error" and not df[c].any())]
 
 
 def _scalar(v) -> bool:

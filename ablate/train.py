@@ -1,6 +1,6 @@
 """Training a DiT as the paper does: DDPM loss, AdamW at a constant 1e-4, an EMA copy.
 
-``train`` runs the loop for one grid run and returns one flat row of summary metrics
+``train`` runs the loop for one grid cell and returns one flat row of summary metrics
 (plus its ``log`` and ``evals`` lists, which tables skip). It is written for throughput:
 the step has no host-device syncs (the loss is summed on the device and read once per
 log window), AdamW is fused where PyTorch has the kernel, the EMA is one foreach lerp
@@ -20,17 +20,18 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-from .diffusion import LOSSES, create_diffusion
-from .measure.peak import precision_context, resolve_precision, synchronize
+from .diffusion import LOSSES, SAMPLERS, create_diffusion
+from .precision import PRECISIONS as ALL_PRECISIONS
+from .precision import precision_context, resolve_precision, synchronize
 from .settings import ConfigError, choice, positive
 
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where it is native (ablate.measure.peak)
-SAMPLERS = ("ddpm", "ddim")
+# tf32 is a CUDA matmul mode that timing compares; training runs fp32 or bf16 autocast.
+PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "tf32")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -45,14 +46,14 @@ class TrainSettings:
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     grad_clip: float | None = None
-    loss: Literal["hybrid", "mse"] = "hybrid"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where bf16 is native
+    loss: str = "hybrid"  # diffusion.LOSSES
+    precision: str = "auto"  # PRECISIONS; auto: bf16 autocast where bf16 is native
     compile: bool = False
     log_every: int = 50
     eval_every: int | None = None  # None: evaluate only at the end
     checkpoint_every: int = 500
     sample_steps: int = 50  # respaced steps for evaluation samples (the paper uses 250)
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: str = "ddpm"  # diffusion.SAMPLERS
     cfg_scale: float = 1.0  # 1: no classifier-free guidance
     eval_samples: int = 64  # 0: no sampling, no evaluation
 
@@ -126,7 +127,6 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
     if cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("cfg_scale != 1 needs a model trained with class dropout (a null class)")
     diffusion = create_diffusion(str(steps), learn_sigma=model.learn_sigma)
-    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     generator = torch.Generator(device).manual_seed(seed)
     labels = torch.arange(n, device=device) % model.num_classes
     was_training = model.training
@@ -136,13 +136,14 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
         shape = (len(y), model.in_channels, image_size, image_size)
         with precision_context(device, precision):
             if cfg_scale == 1.0:
-                x = loop(model, shape, {"y": y}, device=device, generator=generator)
+                x = diffusion.sample(model, shape, {"y": y}, sampler=sampler, device=device, generator=generator)
             else:
                 # First half conditional, second half the null class (index num_classes).
                 z = torch.randn(*shape, device=device, generator=generator)
                 y2 = torch.cat([y, torch.full_like(y, model.num_classes)])
-                x = loop(model.forward_with_cfg, (2 * len(y), *shape[1:]), {"y": y2, "cfg_scale": cfg_scale},
-                         noise=torch.cat([z, z]), generator=generator)[: len(y)]
+                x = diffusion.sample(model.forward_with_cfg, (2 * len(y), *shape[1:]),
+                                     {"y": y2, "cfg_scale": cfg_scale}, sampler=sampler,
+                                     noise=torch.cat([z, z]), generator=generator)[: len(y)]
         out.append(x.float().clamp_(-1, 1))
     model.train(was_training)
     return torch.cat(out), labels
@@ -250,116 +251,139 @@ def train(model: nn.Module, dataset, settings: TrainSettings, *, workdir: Path |
     and the non-scalar ``log`` and ``evals``.
     """
     settings.check()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    precision = resolve_precision(device, settings.precision)
     if settings.cfg_scale != 1.0 and settings.eval_samples and model.y_embedder.dropout_prob <= 0:
         raise ValueError("train.cfg_scale != 1 needs a model with class_dropout_prob > 0")
+    trainer = Trainer(model, dataset, settings, Path(workdir), seed, device, evaluate)
+    trainer.run(progress)
+    return summarize(trainer.log, trainer.evals, trainer.precision)
 
-    torch.manual_seed(seed)  # timesteps, noise and label dropout all draw from the global RNG
-    model = model.to(device).train()
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params = trainable(model)
-    ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
-    optimizer = make_optimizer(params, settings.lr, settings.weight_decay)
-    diffusion = create_diffusion(None, learn_sigma=model.learn_sigma, loss=settings.loss)
-    forward = torch.compile(model) if settings.compile else model
-    data_rng = torch.Generator().manual_seed(seed)
 
-    path = workdir / CHECKPOINT
-    start, log, evals, wall_before, window = 0, [], [], 0.0, None
-    data_state = None
-    if path.exists():
-        ck = load_checkpoint(path)
-        for key, want in (("seed", seed), ("batch_size", settings.batch_size)):
+class Trainer:
+    """The state of one training run, fresh or restored from its checkpoint, and its steps:
+    ``run`` trains; each step is ``_train_step``; a log window ends in ``_end_window``; an
+    evaluation or a checkpoint pauses the clock (``_pause``)."""
+
+    def __init__(self, model: nn.Module, dataset, settings: TrainSettings, workdir: Path, seed: int,
+                 device: torch.device, evaluate: Callable | None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.dataset, self.settings, self.workdir, self.seed, self.device = dataset, settings, workdir, seed, device
+        self.evaluate = evaluate
+        self.precision = resolve_precision(device, settings.precision)
+        torch.manual_seed(seed)  # timesteps, noise and label dropout all draw from the global RNG
+        self.model = model.to(device).train()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.params = trainable(self.model)
+        self.ema_params = [e for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, settings.lr, settings.weight_decay)
+        self.diffusion = create_diffusion(None, learn_sigma=self.model.learn_sigma, loss=settings.loss)
+        self.forward = torch.compile(self.model) if settings.compile else self.model
+        self.path = workdir / CHECKPOINT
+        self.start, self.log, self.evals, self.wall_before = 0, [], [], 0.0
+        # The loss of the current log window, summed on the device: no sync per step.
+        self.loss_sum = torch.zeros((), device=device)
+        self.window_steps = 0
+        data_rng = torch.Generator().manual_seed(seed)
+        data_state = self._restore() if self.path.exists() else None
+        self.batches = _Batches(dataset, settings.batch_size, data_rng, device, data_state)
+        self.timed_steps = 0  # steps of the window run by this process (a resumed window began before it)
+        self.first_window = True  # this process's first window carries compile and allocator warm-up
+        self.last_loss = self.log[-1]["loss"] if self.log else float("nan")
+
+    def _restore(self) -> dict:
+        """Load the checkpoint into this run; returns the saved data order."""
+        ck = load_checkpoint(self.path)
+        for key, want in (("seed", self.seed), ("batch_size", self.settings.batch_size)):
             if ck[key] != want:
-                raise ValueError(f"{path}: saved with {key}={ck[key]}, asked to resume with {key}={want}; "
+                raise ValueError(f"{self.path}: saved with {key}={ck[key]}, asked to resume with {key}={want}; "
                                  "use a new workdir")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(ck["rng"], device)
-        data_state = ck["data"]
-        start, log, evals, wall_before = ck["step"], ck["log"], ck["evals"], ck["train_wall_s"]
-        window = ck["window"]
-    batches = _Batches(dataset, settings.batch_size, data_rng, device, data_state)
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        _set_rng_state(ck["rng"], self.device)
+        self.start, self.log, self.evals, self.wall_before = ck["step"], ck["log"], ck["evals"], ck["train_wall_s"]
+        self.loss_sum += ck["window"]["loss_sum"].to(self.device)
+        self.window_steps = ck["window"]["steps"]
+        return ck["data"]
 
-    # The loss of the current log window, summed on the device: no sync per step.
-    loss_sum = torch.zeros((), device=device)
-    window_steps = 0
-    if window is not None:
-        loss_sum += window["loss_sum"].to(device)
-        window_steps = window["steps"]
-    timed_steps = 0  # steps of the window run by this process (a resumed window began before it)
-    first_window = True  # this process's first window carries compile and allocator warm-up
-    last_loss = log[-1]["loss"] if log else float("nan")
+    def run(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
 
-    def wall() -> float:
-        return wall_before + (time.perf_counter() - t_start - paused)
+        s = self.settings
+        bar = tqdm(total=s.steps, initial=self.start, disable=not progress, desc="train", unit="step")
+        synchronize(self.device)
+        self.t_start = self.t_window = time.perf_counter()
+        self.paused = self.window_paused = 0.0  # seconds spent evaluating and checkpointing, not training
+        for step in range(self.start + 1, s.steps + 1):
+            self._train_step()
+            bar.update(1)
+            if step % s.log_every == 0 or step == s.steps:
+                self._end_window(step)
+                bar.set_postfix(loss=f"{self.last_loss:.4f}", img_s=f"{self.log[-1]['img_per_s']:.1f}")
+            due_eval = s.eval_samples > 0 and (
+                step == s.steps or (s.eval_every is not None and step % s.eval_every == 0))
+            due_checkpoint = step % s.checkpoint_every == 0 or step == s.steps
+            if due_eval or due_checkpoint:
+                self._pause(step, due_eval, due_checkpoint)
+        bar.close()
 
-    def checkpoint(step: int, train_wall: float) -> None:
-        save_checkpoint(path, {
-            "step": step, "seed": seed, "batch_size": settings.batch_size, "settings": asdict(settings),
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(device), "data": batches.state(),
-            "window": {"loss_sum": loss_sum.cpu(), "steps": window_steps},
-            "log": log, "evals": evals, "train_wall_s": train_wall,
+    def _train_step(self) -> None:
+        x, y = next(self.batches)
+        self.loss_sum += train_step(self.forward, self.diffusion, self.optimizer, self.params, x, y,
+                                    precision=self.precision, grad_clip=self.settings.grad_clip)
+        update_ema(self.ema_params, self.params, self.settings.ema_decay)
+        self.window_steps += 1
+        self.timed_steps += 1
+
+    def _wall(self) -> float:
+        """Training seconds so far, over every process, evaluations and checkpoints excluded."""
+        return self.wall_before + (time.perf_counter() - self.t_start - self.paused)
+
+    def _end_window(self, step: int) -> None:
+        """Log the window's mean loss and throughput, and start a new window."""
+        self.last_loss = (self.loss_sum / self.window_steps).item()  # the sync point: once per window
+        now = time.perf_counter()
+        seconds = now - self.t_window - self.window_paused
+        images = self.timed_steps * self.settings.batch_size
+        self.log.append({"step": step, "loss": self.last_loss, "step_ms": 1e3 * seconds / self.timed_steps,
+                         "img_per_s": images / seconds, "images": images, "train_wall_s": self._wall(),
+                         "first_window": self.first_window})
+        self.loss_sum.zero_()
+        self.window_steps = self.timed_steps = 0
+        self.first_window, self.t_window, self.window_paused = False, now, 0.0
+
+    def _pause(self, step: int, due_eval: bool, due_checkpoint: bool) -> None:
+        """Evaluate and/or checkpoint with the training clock stopped."""
+        synchronize(self.device)
+        t0, train_wall = time.perf_counter(), self._wall()
+        if due_eval:
+            self._evaluate(step, train_wall)
+        if due_checkpoint:
+            self._checkpoint(step, train_wall)
+        spent = time.perf_counter() - t0
+        self.paused += spent
+        self.window_paused += spent
+
+    def _evaluate(self, step: int, train_wall: float) -> None:
+        s = self.settings
+        samples, _ = sample_images(self.ema, s.eval_samples, image_size=self.dataset.image_size,
+                                   steps=s.sample_steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
+                                   precision=self.precision, seed=self.seed, batch_size=s.batch_size,
+                                   device=self.device)
+        save_grid(samples, self.workdir / f"samples_step{step:07d}.png")
+        metrics = self.evaluate(self.ema, samples, step) if self.evaluate is not None else {}
+        self.evals.append({"step": step, "train_loss": self.last_loss, "train_wall_s": train_wall,
+                           **{k: _plain(v) for k, v in metrics.items()}})
+
+    def _checkpoint(self, step: int, train_wall: float) -> None:
+        save_checkpoint(self.path, {
+            "step": step, "seed": self.seed, "batch_size": self.settings.batch_size,
+            "settings": asdict(self.settings), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": _rng_state(self.device),
+            "data": self.batches.state(),
+            "window": {"loss_sum": self.loss_sum.cpu(), "steps": self.window_steps},
+            "log": self.log, "evals": self.evals, "train_wall_s": train_wall,
         })
-
-    def run_eval(step: int, train_wall: float) -> None:
-        samples, _ = sample_images(ema, settings.eval_samples, image_size=dataset.image_size,
-                                   steps=settings.sample_steps, sampler=settings.sampler,
-                                   cfg_scale=settings.cfg_scale, precision=precision, seed=seed,
-                                   batch_size=settings.batch_size, device=device)
-        save_grid(samples, workdir / f"samples_step{step:07d}.png")
-        metrics = evaluate(ema, samples, step) if evaluate is not None else {}
-        evals.append({"step": step, "train_loss": last_loss, "train_wall_s": train_wall,
-                      **{k: _plain(v) for k, v in metrics.items()}})
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
-    synchronize(device)
-    t_start = t_window = time.perf_counter()
-    paused = window_paused = 0.0  # seconds spent evaluating and checkpointing, not training
-    for step in range(start + 1, settings.steps + 1):
-        x, y = next(batches)
-        loss_sum += train_step(forward, diffusion, optimizer, params, x, y, precision=precision,
-                               grad_clip=settings.grad_clip)
-        update_ema(ema_params, params, settings.ema_decay)
-        window_steps += 1
-        timed_steps += 1
-        bar.update(1)
-
-        if step % settings.log_every == 0 or step == settings.steps:
-            last_loss = (loss_sum / window_steps).item()  # the sync point: once per window
-            now = time.perf_counter()
-            seconds = now - t_window - window_paused
-            log.append({"step": step, "loss": last_loss, "step_ms": 1e3 * seconds / timed_steps,
-                        "img_per_s": timed_steps * settings.batch_size / seconds,
-                        "images": timed_steps * settings.batch_size, "train_wall_s": wall(),
-                        "first_window": first_window})
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{log[-1]['img_per_s']:.1f}")
-            loss_sum.zero_()
-            window_steps = timed_steps = 0
-            first_window, t_window, window_paused = False, now, 0.0
-
-        due_eval = settings.eval_samples > 0 and (
-            step == settings.steps or (settings.eval_every is not None and step % settings.eval_every == 0))
-        due_checkpoint = step % settings.checkpoint_every == 0 or step == settings.steps
-        if due_eval or due_checkpoint:
-            synchronize(device)
-            t0, train_wall = time.perf_counter(), wall()
-            if due_eval:
-                run_eval(step, train_wall)
-            if due_checkpoint:
-                checkpoint(step, train_wall)
-            spent = time.perf_counter() - t0
-            paused += spent
-            window_paused += spent
-    bar.close()
-    return summarize(log, evals, precision)
 
 
 def summarize(log: list[dict], evals: list[dict], precision: str) -> dict:

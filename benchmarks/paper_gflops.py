@@ -16,9 +16,8 @@ from tabulate import tabulate
 
 from ablate.env import device_name, git_revision
 from ablate.grid import EXPERIMENTS, load_grid
-from ablate.measure import load_builtin
 from ablate.measure.flops import count_flops
-from ablate.run import Run
+from ablate.cell import Cell
 
 BLOCKS = ["adaln-zero", "adaln", "cross-attn", "in-context"]
 
@@ -29,14 +28,13 @@ def main():
     ap.add_argument("--reference", default=repo / "ablate" / "reference" / "dit_table4_256.csv")
     ap.add_argument("--out", default=repo / "results" / "dit-paper-gflops" / "paper_comparison.md")
     args = ap.parse_args()
-    load_builtin()
     ref = {r["model"]: r for r in csv.DictReader(open(args.reference))}
     grid = load_grid(EXPERIMENTS / "dit-paper-gflops.yaml")
 
     t0 = time.perf_counter()
     counts = {}
     for cell in grid.cells:
-        kw = Run(cell, Path("/nonexistent")).model_kwargs
+        kw = Cell(cell, Path("/nonexistent")).model_kwargs
         counts[cell["model"], cell["block"]] = count_flops(kw)
     with torch.device("meta"):
         from ablate.models import create_model

@@ -34,14 +34,14 @@ from tabulate import tabulate
 
 from ablate.diffusion import create_diffusion
 from ablate.measure.flops import count_flops
-from ablate.measure.peak import matmul_peak_tflops, native_bf16, synchronize
-from ablate.models import create_model, naive_attention
+from ablate.measure.peak import matmul_peak_tflops
+from ablate.precision import native_bf16, synchronize
+from ablate.models import create_model, dit_kwargs, naive_attention
 from ablate.models.blocks import attention
 from ablate.train import make_optimizer, train_step, trainable, update_ema
 
 MODEL = "DiT-S/4"
-MODEL_KWARGS = dict(input_size=32, patch_size=4, in_channels=4, hidden_size=384, depth=12, num_heads=6,
-                    num_classes=1000)
+MODEL_KWARGS = dit_kwargs(MODEL, input_size=32, in_channels=4, num_classes=1000)
 BATCH = 32
 
 

@@ -1,9 +1,11 @@
+import csv
 import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+from ablate.models import DiT
 
 # Tiny tensors run faster on one thread than on two that contend with the test runner.
 torch.set_num_threads(1)
@@ -21,6 +23,21 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def cli():
-    return run_cli
+def table4() -> list[dict]:
+    """The rows of the paper's Table 4 (model, gflops, params_m)."""
+    with open(REFERENCE / "dit_table4_256.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def tiny(block: str = "adaln-zero", *, seed: int = 0, input_size: int = 8, patch_size: int = 2,
+         in_channels: int = 4, hidden_size: int = 64, depth: int = 2, num_heads: int = 4,
+         num_classes: int = 10, live_output: bool = False, **kw) -> DiT:
+    """A tiny DiT (2 blocks, 64 wide by default), seeded."""
+    torch.manual_seed(seed)
+    model = DiT(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+                depth=depth, num_heads=num_heads, num_classes=num_classes, block=block, **kw)
+    if live_output:  # the zero-initialised output layer would make every sample identical
+        with torch.no_grad():
+            for p in model.final_layer.parameters():
+                p.normal_(0, 0.02)
+    return model

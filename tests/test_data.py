@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from ablate.data import DATASETS, DatasetUnavailable, ImageData, build_dataset
+from ablate.data import DATASETS, DatasetUnavailable, ImageData, build_dataset, check_dataset_config
+from ablate.settings import ConfigError
 from ablate.registry import UnknownName
 
 DIGIT_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
@@ -191,7 +192,7 @@ def test_latents_errors(latent_dir, tmp_path_factory):
         build_dataset({"name": "latents", "image_size": 8, "root": str(root)})
     with pytest.raises(ValueError, match="num_classes=3"):
         build_dataset({"name": "latents", "root": str(root), "num_classes": 3})
-    with pytest.raises(ValueError, match="scale='x'"):
+    with pytest.raises(ValueError, match="scale: 'x' is not a number"):
         build_dataset({"name": "latents", "root": str(root), "scale": "x"})
     with pytest.raises(DatasetUnavailable, match="latents.npy"):
         build_dataset({"name": "latents", "root": str(tmp_path_factory.mktemp("empty"))})
@@ -207,19 +208,24 @@ def test_unknown_dataset_suggests_a_name():
     assert set(DATASETS.names()) >= {"digits", "mnist", "cifar10", "imagefolder", "latents"}
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"name": "digits", "imagesize": 32}, r"imagesize=32 \(did you mean 'image_size'\?\)"),
-    ({"name": "digits", "image_size": 0}, "image_size=0"),
-    ({"name": "digits", "image_size": -4}, "image_size=-4"),
-    ({"name": "digits", "image_size": "32"}, "image_size='32' must be int"),
-    ({"name": "digits", "image_size": True}, "image_size=True"),
-    ({"name": "mnist", "train": "yes"}, "train='yes' must be bool"),
-    ({"image_size": 32}, "'name'"),
+@pytest.mark.parametrize("cfg, key, message", [
+    ({"name": "digits", "imagesize": 32}, "imagesize", r"unknown option of dataset 'digits' \(did you mean 'image_size'\?\)"),
+    ({"name": "digits", "image_size": 0}, "image_size", "0 must be > 0"),
+    ({"name": "digits", "image_size": -4}, "image_size", "-4 must be > 0"),
+    ({"name": "digits", "image_size": "32"}, "image_size", "'32' is not an integer"),
+    ({"name": "digits", "image_size": True}, "image_size", "True is not an integer"),
+    ({"name": "mnist", "train": "yes"}, "train", "'yes' is not true or false"),
+    ({"image_size": 32}, "name", "'name'"),
 ])
-def test_bad_options_name_the_key(cfg, message):
-    with pytest.raises(ValueError, match=message) as e:
-        build_dataset(cfg)
-    assert "\n" not in str(e.value)
+def test_bad_options_name_the_key(cfg, key, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        check_dataset_config(cfg)
+    assert e.value.key == key and "\n" not in str(e.value)
+
+
+def test_numpy_numbers_are_options_of_their_type():
+    cfg = check_dataset_config({"name": "mnist", "image_size": np.int64(16), "train": np.bool_(False)})
+    assert cfg["image_size"] == 16 and not cfg["train"]
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])

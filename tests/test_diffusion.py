@@ -129,7 +129,7 @@ def test_respacing_to_250_keeps_alphas_cumprod_and_original_timesteps():
     seen = []
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
     y = torch.tensor([3, 7])
-    d.p_sample_loop(_x0_oracle(x0, seen=seen), x0.shape, model_kwargs={"y": y})
+    d.sample(_x0_oracle(x0, seen=seen), x0.shape, model_kwargs={"y": y})
     ts = torch.stack([t for t, _ in seen])  # (250, N)
     assert ts[:, 0].tolist() == kept[::-1].tolist()  # the model only ever sees original steps
     assert all(got is y for _, got in seen)  # model_kwargs reach the model
@@ -226,14 +226,14 @@ def test_ddim_eta0_with_x0_oracle_recovers_x0():
     torch.manual_seed(0)
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     for d in (create_diffusion("ddim50"), create_diffusion(250)):
-        sample = d.ddim_sample_loop(_x0_oracle(x0), x0.shape, eta=0.0)
+        sample = d.sample(_x0_oracle(x0), x0.shape, eta=0.0, sampler="ddim")
         torch.testing.assert_close(sample, x0, atol=1e-5, rtol=0)
 
 
 def test_ddpm_with_x0_oracle_lands_on_x0():
     torch.manual_seed(0)
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
-    sample = create_diffusion(100).p_sample_loop(_x0_oracle(x0), x0.shape, clip_denoised=True)
+    sample = create_diffusion(100).sample(_x0_oracle(x0), x0.shape, clip_denoised=True)
     torch.testing.assert_close(sample, x0, atol=1e-4, rtol=0)
 
 
@@ -256,10 +256,10 @@ def test_samplers_reproduce_gaussian_data(sampler):
     shape = (64, 1, 8, 8)  # 4096 scalar samples: standard errors 0.008 (mean), 0.006 (std)
     model = _gaussian_data_eps_model(mu, s)
     if sampler == "ddpm":
-        x = BASE.p_sample_loop(model, shape, generator=g)
+        x = BASE.sample(model, shape, generator=g)
     else:
         # 250 steps: with 50 the ODE's discretisation error alone shrinks the std by 5%.
-        x = create_diffusion(250).ddim_sample_loop(model, shape, generator=g)
+        x = create_diffusion(250).sample(model, shape, generator=g, sampler="ddim")
     assert x.mean().item() == pytest.approx(mu, abs=0.025)
     assert x.std().item() == pytest.approx(s, abs=0.02)
 
@@ -267,13 +267,13 @@ def test_samplers_reproduce_gaussian_data(sampler):
 def test_sampling_is_reproducible_with_a_generator():
     model = _gaussian_data_eps_model(0.0, 1.0)
     d = create_diffusion(20)
-    a = d.p_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(1))
-    b = d.p_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(1))
-    c = d.p_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(2))
+    a = d.sample(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    b = d.sample(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    c = d.sample(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     noise = torch.randn(2, 1, 4, 4)
-    assert torch.equal(d.ddim_sample_loop(model, noise.shape, noise=noise),
-                       d.ddim_sample_loop(model, noise.shape, noise=noise))
+    assert torch.equal(d.sample(model, noise.shape, noise=noise, sampler="ddim"),
+                       d.sample(model, noise.shape, noise=noise, sampler="ddim"))
 
 
 def test_rejects_bad_arguments():

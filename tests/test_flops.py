@@ -1,18 +1,13 @@
-import csv
-
 import pytest
 import torch
 
 from ablate.measure import flops as F
-from ablate.models import SIZES, create_model, naive_attention, parse_model_name
-from conftest import REFERENCE
+from ablate.models import create_model, dit_kwargs, naive_attention
+from conftest import table4
 
 
 def paper_kwargs(name, block="adaln-zero"):
-    size, p = parse_model_name(name)
-    s = SIZES.get(size)
-    return dict(input_size=32, patch_size=p, in_channels=4, hidden_size=s.hidden_size, depth=s.depth,
-                num_heads=s.num_heads, num_classes=1000, learn_sigma=True, block=block)
+    return dit_kwargs(name, block=block)  # the paper's setting: 32x32x4 latents, 1000 classes
 
 
 TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
@@ -60,12 +55,7 @@ def test_depth_extrapolation_equals_the_full_trace(block):
     assert F.count_flops(kw) == pytest.approx(F.count_flops(kw, exact=True), rel=1e-12)
 
 
-def _reference():
-    with open(REFERENCE / "dit_table4_256.csv") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.mark.parametrize("row", _reference(), ids=lambda r: r["model"])
+@pytest.mark.parametrize("row", table4(), ids=lambda r: r["model"])
 def test_paper_gflops_within_half_a_percent(row):
     got = F.count_flops(paper_kwargs(row["model"]))
     paper = float(row["gflops"])

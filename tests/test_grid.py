@@ -6,11 +6,8 @@ from click.testing import CliRunner
 
 from ablate.cli import main
 from ablate.grid import load_grid
-from ablate.measure import load_builtin
-from ablate.run import measurement_key, run_id
+from ablate.cell import cell_id, measurement_key
 from ablate.settings import ConfigError
-
-load_builtin()
 
 
 def write(tmp_path, text, name="grid.yaml"):
@@ -63,8 +60,8 @@ def test_dotted_axes_lists_and_size_patch_spelling(tmp_path):
 def test_ids_are_stable_and_depend_only_on_the_settings(tmp_path):
     a = load_grid(write(tmp_path, BASIC)).cells
     b = load_grid(write(tmp_path, BASIC)).cells
-    assert [run_id(c) for c in a] == [run_id(c) for c in b]
-    assert len({run_id(c) for c in a}) == len(a)
+    assert [cell_id(c) for c in a] == [cell_id(c) for c in b]
+    assert len({cell_id(c) for c in a}) == len(a)
     # The same cell spelled as size + patch_size is the same run; defaults written out too.
     g = load_grid(write(tmp_path, """
         base: {size: T, patch_size: 2, block: adaln-zero, seed: 0, learn_sigma: true,
@@ -76,7 +73,7 @@ def test_ids_are_stable_and_depend_only_on_the_settings(tmp_path):
     # flops do not depend on the seed: two seeds share one count.
     s1 = [c for c in a if c["model"] == "DiT-T/2" and c["block"] == "adaln-zero" and c["seed"] == 1][0]
     assert measurement_key(s1, "flops") == measurement_key(same, "flops")
-    assert run_id(s1) != run_id(same)
+    assert cell_id(s1) != cell_id(same)
 
 
 def test_include_merges_base_files(tmp_path):
@@ -132,7 +129,7 @@ BAD = {
                             "every cell is excluded"),
     "invalid yaml": ("grid: {block: [adaln", "", "invalid YAML: line"),
     "unknown measurement": (f"base: {{{M}, measure: [flop]}}", "base.measure", "did you mean 'flops'"),
-    "unknown dataset option": ("base: {model: DiT-T/4, data: {name: digits, imagesize: 8}}", "base.data",
+    "unknown dataset option": ("base: {model: DiT-T/4, data: {name: digits, imagesize: 8}}", "base.data.imagesize",
                                "did you mean 'image_size'"),
     "negative seed axis": (f"grid: {{seed: [0, -1]}}\nbase: {{{M}}}", "grid.seed", "-1 must be >= 0"),
 }
@@ -171,7 +168,7 @@ def test_adding_a_measurement_with_default_settings_keeps_the_cell_id(tmp_path):
                                   "measure: [flops, timing]}", "b.yaml"))
     c = load_grid(write(tmp_path, "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, "
                                   "measure: [timing], timing: {batch_size: 4}}", "c.yaml"))
-    assert run_id(a.cells[0]) == run_id(b.cells[0]) != run_id(c.cells[0])
+    assert cell_id(a.cells[0]) == cell_id(b.cells[0]) != cell_id(c.cells[0])
 
 
 def test_one_and_one_point_zero_are_one_cell_and_flops_see_the_null_class(tmp_path):

@@ -1,19 +1,11 @@
-import csv
-
 import pytest
 import torch
 
-from ablate.models import BLOCKS, DiT, create_model, register_block, register_size, SIZES, MODELS
+from ablate.models import BLOCKS, create_model, register_block, register_size, SIZES, MODELS
 from ablate.models.blocks import AdaLNZeroBlock, InContextBlock
-from conftest import REFERENCE
+from conftest import table4, tiny
 
 ALL_BLOCKS = ["adaln-zero", "adaln", "cross-attn", "in-context"]
-
-
-def tiny(block, patch_size=2, input_size=8, **kw):
-    torch.manual_seed(0)
-    return DiT(input_size=input_size, patch_size=patch_size, in_channels=4, hidden_size=64, depth=2,
-               num_heads=4, num_classes=10, block=block, **kw)
 
 
 def inputs(n=3, size=8, c=4):
@@ -71,12 +63,7 @@ def test_in_context_output_has_exactly_the_patch_tokens():
     assert (model(x, t, y) - model(x, t, y2)).abs().max() > 1e-4
 
 
-def _reference_rows():
-    with open(REFERENCE / "dit_table4_256.csv") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.mark.parametrize("row", _reference_rows(), ids=lambda r: r["model"])
+@pytest.mark.parametrize("row", table4(), ids=lambda r: r["model"])
 def test_parameter_counts_match_the_paper(row):
     with torch.device("meta"):  # no storage: XL/2 costs nothing to build here
         model = create_model(row["model"], block="adaln-zero")

@@ -1,21 +1,21 @@
 import pytest
 import torch
 
-from ablate.measure.peak import matmul_peak_tflops, native_bf16, resolve_precision
+from ablate.measure.peak import matmul_peak_tflops
+from ablate.precision import native_bf16, resolve_precision
 from ablate.measure.timing import TimingSettings, _peak_mb, _reset_peak, time_model
-from ablate.models import DiT
 from ablate.settings import ConfigError, parse
+from conftest import tiny
 
 
-def tiny():
-    torch.manual_seed(0)
-    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+def small():
+    return tiny(hidden_size=32, depth=1, num_heads=2)
 
 
 def test_timing_row_is_self_consistent():
     s = TimingSettings(batch_size=4, precision="fp32", warmup=1, repeats=3)
     gflops = 0.001
-    row = time_model(tiny(), s, torch.device("cpu"), gflops=gflops)
+    row = time_model(small(), s, torch.device("cpu"), gflops=gflops)
     for prefix in ("fwd", "step"):
         assert row[f"{prefix}_ms"] > 0 and row[f"{prefix}_ms_iqr"] >= 0
         assert row[f"{prefix}_img_per_s"] == pytest.approx(4 / (row[f"{prefix}_ms"] / 1e3))
@@ -27,7 +27,7 @@ def test_timing_row_is_self_consistent():
 
 
 def test_training_step_in_timing_updates_the_weights():
-    model = tiny()
+    model = small()
     before = [p.detach().clone() for p in model.parameters()]
     time_model(model, TimingSettings(batch_size=2, precision="fp32", warmup=0, repeats=1, modes=["train"]),
                torch.device("cpu"))

@@ -7,10 +7,11 @@ from PIL import Image
 
 import ablate.train as train_mod
 from ablate.data import build_dataset
-from ablate.measure.peak import native_bf16
+from ablate.precision import native_bf16
 from ablate.models import DiT
 from ablate.settings import ConfigError, parse
 from ablate.train import TrainSettings, sample_images, train, update_ema
+from conftest import tiny
 
 # No sampling, no periodic checkpoints, fp32: the settings the tests change one at a time.
 FAST = TrainSettings(steps=8, batch_size=16, lr=1e-3, precision="fp32", log_every=3,
@@ -28,16 +29,9 @@ def small(digits):
     return digits.subset(100)  # 6 batches of 16 per epoch: 8 steps cross an epoch boundary
 
 
-def tiny(seed: int = 0, live_output: bool = False) -> DiT:
+def digits_dit(seed: int = 0, live_output: bool = False) -> DiT:
     """A 2-block, 64-wide DiT on 16x16x1 images (16 tokens); ~0.2M parameters."""
-    torch.manual_seed(seed)
-    model = DiT(input_size=16, patch_size=4, in_channels=1, hidden_size=64, depth=2, num_heads=2,
-                num_classes=10)
-    if live_output:  # the zero-initialised output layer would make every sample identical
-        with torch.no_grad():
-            for p in model.final_layer.parameters():
-                p.normal_(0, 0.02)
-    return model
+    return tiny(seed=seed, input_size=16, patch_size=4, in_channels=1, num_heads=2, live_output=live_output)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -50,7 +44,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def run(tmp_path, name, settings=FAST, seed=0, data=None, model=None, **kw) -> tuple[dict, DiT]:
-    model = model if model is not None else tiny()
+    model = model if model is not None else digits_dit()
     out = train(model, data, settings, workdir=tmp_path / name, seed=seed, device="cpu", progress=False, **kw)
     return out, model
 
@@ -82,7 +76,7 @@ def test_same_seed_same_weights_and_resume_matches_uninterrupted(tmp_path, small
     # 4 steps (mid-epoch), then a fresh start from the checkpoint for 4 more.
     half, _ = run(tmp_path, "resumed", dataclasses.replace(FAST, steps=4), data=small)
     assert half["train_steps"] == 4
-    resumed, m_resumed = run(tmp_path, "resumed", data=small, model=tiny(seed=123))
+    resumed, m_resumed = run(tmp_path, "resumed", data=small, model=digits_dit(seed=123))
     assert max_diff(weights(m_full), weights(m_resumed)) < 1e-6
     ck_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     ck_res = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
@@ -154,7 +148,7 @@ def test_ema_update_formula():
 
 @pytest.mark.parametrize("decay", [0.0, 1.0])
 def test_ema_in_training_tracks_the_right_parameters(tmp_path, small, decay):
-    init = weights(tiny())
+    init = weights(digits_dit())
     _, model = run(tmp_path, "run", dataclasses.replace(FAST, steps=2, ema_decay=decay), data=small)
     ema = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["ema"]
     target = weights(model) if decay == 0.0 else init  # decay 0: a copy of the model; 1: frozen at init
@@ -188,7 +182,7 @@ def test_samples_png_grid_and_evals(tmp_path, small):
         return {"sample_std": samples.std()}
 
     s = dataclasses.replace(FAST, steps=2, eval_every=1, eval_samples=6, sample_steps=4)
-    out, _ = run(tmp_path, "run", s, data=small, model=tiny(live_output=True), evaluate=evaluate)
+    out, _ = run(tmp_path, "run", s, data=small, model=digits_dit(live_output=True), evaluate=evaluate)
     assert [x[:2] for x in seen] == [(1, (6, 1, 16, 16)), (2, (6, 1, 16, 16))]
     assert all(-1 <= lo <= hi <= 1 and not training for _, _, lo, hi, training in seen)
     assert [e["step"] for e in out["evals"]] == [1, 2]
@@ -200,7 +194,7 @@ def test_samples_png_grid_and_evals(tmp_path, small):
 
 
 def test_guided_sampling_at_scale_one_matches_unguided():
-    model = tiny(live_output=True).eval()
+    model = digits_dit(live_output=True).eval()
     kw = dict(image_size=16, steps=5, sampler="ddim", seed=3)
     plain, labels = sample_images(model, 12, **kw)
     assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]

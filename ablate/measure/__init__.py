@@ -1,10 +1,29 @@
-"""Measurements: registered functions from a run to a flat dict of results.
+"""Measurements: registered functions from a grid cell to a flat dict of results.
 
-A measurement declares the settings section it reads (a dataclass, parsed from the grid
-under the measurement's own name, e.g. ``timing:``), the run settings it depends on, and
-the measurements it needs first. Its result is stored under a key that hashes exactly
-those inputs, so a cell that differs only in ``train.lr`` reuses the ``flops`` of its twin
-and a grid that adds ``timing`` to ``measure:`` keeps the ``flops`` it already has.
+A measurement is one file in this folder that declares everything about it::
+
+    @dataclass
+    class FidSettings:                    # the grid's ``fid:`` section
+        samples: int = 5000
+
+    @register_measure("fid", settings=FidSettings, needs=("train",), columns=("fid",))
+    def fid(cell, progress: bool = True) -> dict:
+        ckpt = cell.needed["train"].workdir / "checkpoint.pt"   # a prerequisite's files
+        ...
+        return {"fid": 12.3, "fid_samples": cell.settings("fid").samples}
+
+``uses`` names the cell settings that change the result, ``needs`` the measurements it
+reads (``cell.needed[name].metrics`` and ``.workdir``), ``columns`` the metrics ``ablate
+table`` shows by default. Its result is stored under a key that hashes exactly those
+inputs, so a cell that differs only in ``train.lr`` reuses the ``flops`` of its twin and
+a grid that adds ``timing`` to ``measure:`` keeps the ``flops`` it already has.
+
+Metric names are one namespace per cell, shared with the settings' columns: prefix them by
+the measurement (``fid_samples``, not ``samples``). The runner refuses a metric named like
+a setting or like another measurement's metric.
+
+The built-in measurements (flops, timing, train) are imported at the end of this module,
+so importing ``ablate.measure`` registers them.
 """
 from __future__ import annotations
 
@@ -13,9 +32,11 @@ from typing import Callable
 
 from ..registry import Registry
 
-# The run settings that identify the model; every measurement depends on these.
+# The cell settings that identify the model; every measurement depends on these.
 MODEL_KEYS = ("model", "block", "input_size", "in_channels", "num_classes", "learn_sigma",
               "class_dropout_prob", "data")
+# Table columns that say which cell a row is, before any measurement's columns.
+IDENTITY_COLUMNS = ("model", "block", "seed", "status")
 
 
 @dataclass(frozen=True)
@@ -23,8 +44,9 @@ class Measurement:
     name: str
     fn: Callable
     settings: type | None = None  # dataclass of the section named like the measurement
-    uses: tuple[str, ...] = MODEL_KEYS  # run settings that change the result
+    uses: tuple[str, ...] = MODEL_KEYS  # cell settings that change the result
     needs: tuple[str, ...] = ()  # measurements whose results this one reads
+    columns: tuple[str, ...] = ()  # metrics shown by default in tables
     doc: str = ""
 
 
@@ -32,17 +54,27 @@ MEASURES: Registry[Measurement] = Registry("measurement")
 
 
 def register_measure(name: str, *, settings: type | None = None, uses: tuple[str, ...] = MODEL_KEYS,
-                     needs: tuple[str, ...] = ()):
-    """Decorator: ``@register_measure("flops")`` on ``fn(run) -> dict``."""
+                     needs: tuple[str, ...] = (), columns: tuple[str, ...] = ()):
+    """Decorator: ``@register_measure("flops", columns=("gflops",))`` on ``fn(cell, progress=True) -> dict``."""
 
     def add(fn: Callable) -> Callable:
+        for other_name, other in MEASURES.items():
+            clash = sorted(set(columns) & set(other.columns))
+            if clash:
+                raise ValueError(f"measurement {name!r}: column {clash[0]!r} is already a column of "
+                                 f"{other_name!r}; prefix the metric with the measurement's name")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        MEASURES.register(name, Measurement(name, fn, settings, tuple(uses), tuple(needs), doc))
+        MEASURES.register(name, Measurement(name, fn, settings, tuple(uses), tuple(needs), tuple(columns), doc))
         return fn
 
     return add
 
 
-def load_builtin() -> None:
-    """Import the modules whose import registers the built-in measurements."""
-    from . import flops, timing, training  # noqa: F401
+def default_columns() -> list[str]:
+    """The columns a table shows when none are asked for: identity, then each measurement's
+    columns in registration order, then the error."""
+    return [*IDENTITY_COLUMNS, *(c for _, m in MEASURES.items() for c in m.columns), "error"]
+
+
+# The built-ins register themselves on import; they need the names above.
+from . import flops, timing, training  # noqa: E402, F401

@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ..models.dit import DiT
-from . import register_measure
+from . import MODEL_KEYS, register_measure
 
 
 class UncountedOp(RuntimeError):
@@ -138,11 +138,10 @@ def count_flops(model_kwargs: dict, *, exact: bool = False) -> dict[str, float]:
     }
 
 
-@register_measure("flops", uses=("model", "block", "input_size", "in_channels", "num_classes",
-                                 "learn_sigma", "class_dropout_prob", "data"))
-def flops(run) -> dict:
+@register_measure("flops", uses=MODEL_KEYS, columns=("gflops", "params_m"))
+def flops(cell, progress: bool = True) -> dict:
     """Gflops of one forward pass of one image (fvcore, one multiply-add = one flop) and params."""
-    kwargs = run.model_kwargs
+    kwargs = cell.model_kwargs
     with torch.device("meta"):
         # Trainable parameters, as the paper counts them (not the fixed pos_embed).
         params = sum(p.numel() for p in DiT(**kwargs).parameters() if p.requires_grad)

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from ..diffusion import create_diffusion
-from ..settings import choice, positive
-from . import register_measure
-from .peak import PRECISIONS, matmul_peak_tflops, precision_context, resolve_precision, synchronize
+from ..settings import ConfigError, choice, positive
+from . import MODEL_KEYS, register_measure
+from ..precision import PRECISIONS, precision_context, resolve_precision, synchronize
+from .peak import matmul_peak_tflops
 
 MODES = ("forward", "train")
 
@@ -38,7 +39,6 @@ class TimingSettings:
         choice(self, "precision", PRECISIONS)
         for m in self.modes:
             if m not in MODES:
-                from ..settings import ConfigError
                 raise ConfigError("modes", f"{m!r} is not one of {', '.join(MODES)}")
 
 
@@ -95,7 +95,8 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
     x = torch.randn(n, c, size, size, generator=g).to(device)
     y = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
     t = torch.randint(0, 1000, (n,), generator=g).to(device)  # for the forward pass
-    out: dict = {"timing_precision": s.precision, "compile": s.compile, "batch_size": n}
+    # batch size and compile are the cell's timing.batch_size and timing.compile columns.
+    out: dict = {"timing_precision": s.precision}
     fwd = torch.compile(model) if s.compile else model
     diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
 
@@ -144,12 +145,9 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
     return out
 
 
-@register_measure("timing", settings=TimingSettings,
-                  uses=("model", "block", "input_size", "in_channels", "num_classes", "learn_sigma",
-                        "class_dropout_prob", "data", "device", "threads"),
-                  needs=("flops",))
-def timing(run) -> dict:
+@register_measure("timing", settings=TimingSettings, uses=MODEL_KEYS + ("device", "threads"), needs=("flops",),
+                  columns=("fwd_ms", "fwd_img_per_s", "step_ms", "step_img_per_s", "step_mfu"))
+def timing(cell, progress: bool = True) -> dict:
     """Forward and training-step latency (median, IQR), images/s, peak memory, MFU."""
-    s = run.settings("timing")
-    model = run.build_model()
-    return time_model(model, s, run.device, gflops=run.needed["flops"]["gflops"])
+    model = cell.build_model()
+    return time_model(model, cell.settings("timing"), cell.device, gflops=cell.needed["flops"].metrics["gflops"])

@@ -9,10 +9,10 @@ from . import MODEL_KEYS, register_measure
 from ..train import TrainSettings, train as train_loop
 
 
-@register_measure("train", settings=TrainSettings, uses=MODEL_KEYS + ("seed",))
-def train(run, progress: bool = True) -> dict:
+@register_measure("train", settings=TrainSettings, uses=MODEL_KEYS + ("seed",),
+                  columns=("final_loss", "train_img_per_s", "train_wall_s"))
+def train(cell, progress: bool = True) -> dict:
     """Short DDPM training run: loss curve, images/s, samples over steps."""
-    s = run.settings("train")
-    model = run.build_model()
-    return train_loop(model, run.dataset, s, workdir=run.workdir, seed=run.config["seed"],
-                      device=run.device, progress=progress)
+    model = cell.build_model()
+    return train_loop(model, cell.dataset, cell.settings("train"), workdir=cell.workdir, seed=cell.config["seed"],
+                      device=cell.device, progress=progress)

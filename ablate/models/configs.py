@@ -20,6 +20,11 @@ class Size:
     num_heads: int
     mlp_ratio: float = 4.0
 
+    def dit_kwargs(self) -> dict:
+        """The ``DiT`` constructor's arguments that this size fixes."""
+        return dict(hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio)
+
 
 SIZES: Registry[Size] = Registry("model size")
 MODELS: Registry[tuple[str, int]] = Registry("model")  # "DiT-S/2" -> ("S", 2)
@@ -58,19 +63,20 @@ register_size("XS", depth=6, hidden_size=192, num_heads=3)
 register_size("T", depth=4, hidden_size=128, num_heads=4)
 
 
-def create_model(name: str | None = None, *, size: str | None = None, patch_size: int | None = None,
-                 block: str = "adaln-zero", input_size: int = 32, in_channels: int = 4,
-                 num_classes: int = 1000, learn_sigma: bool = True,
-                 class_dropout_prob: float = 0.1) -> DiT:
-    """Build a DiT by name (``"DiT-XL/2"``) or by ``size`` and ``patch_size``.
-
-    Defaults are the paper's ImageNet-256 setting: 32x32x4 VAE latents, 1000 classes,
-    learned sigma.
-    """
+def dit_kwargs(name: str | None = None, *, size: str | None = None, patch_size: int | None = None,
+               block: str = "adaln-zero", input_size: int = 32, in_channels: int = 4,
+               num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1) -> dict:
+    """The ``DiT`` constructor's keywords for a model named ``"DiT-XL/2"`` or given by ``size``
+    and ``patch_size``. Defaults are the paper's ImageNet-256 setting: 32x32x4 VAE latents,
+    1000 classes, learned sigma."""
     if name is not None:
         size, patch_size = parse_model_name(name)
-    s = SIZES.get(size)
-    return DiT(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-               hidden_size=s.hidden_size, depth=s.depth, num_heads=s.num_heads,
-               mlp_ratio=s.mlp_ratio, class_dropout_prob=class_dropout_prob,
-               num_classes=num_classes, learn_sigma=learn_sigma, block=block)
+    return dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                **SIZES.get(size).dit_kwargs(), class_dropout_prob=class_dropout_prob,
+                num_classes=num_classes, learn_sigma=learn_sigma, block=block)
+
+
+def create_model(name: str | None = None, **kwargs) -> DiT:
+    """Build a DiT by name (``"DiT-XL/2"``) or by ``size`` and ``patch_size``; the keywords
+    of ``dit_kwargs``."""
+    return DiT(**dit_kwargs(name, **kwargs))

@@ -92,8 +92,6 @@ class LabelEmbedder(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map from D to p*p*C_out per token."""
 
-    adaptive = True
-
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -108,8 +106,6 @@ class FinalLayer(nn.Module):
 
 class PlainFinalLayer(nn.Module):
     """LayerNorm then linear, for blocks that see the conditioning as tokens."""
-
-    adaptive = False
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -151,7 +147,6 @@ class DiT(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"num_heads {num_heads} does not divide hidden_size {hidden_size}")
         block_cls = BLOCKS.get(block)
-        self.block_name = block
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

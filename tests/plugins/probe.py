@@ -21,12 +21,12 @@ def _log(line: str) -> None:
 
 
 @register_measure("probe", settings=ProbeSettings, uses=MODEL_KEYS + ("seed",))
-def probe(run) -> dict:
+def probe(cell, progress: bool = True) -> dict:
     """Test probe."""
-    s = run.settings("probe")
-    _log(f"start {run.id} {os.getpid()}")
+    s = cell.settings("probe")
+    _log(f"start {cell.id} {os.getpid()}")
     time.sleep(s.sleep_s)
     if s.fail:
         raise RuntimeError("probe failed on purpose")
-    _log(f"done {run.id} {os.getpid()}")
-    return {"probe_value": float("nan") if s.nan else float(run.config["seed"]), "probe_list": [1, 2]}
+    _log(f"done {cell.id} {os.getpid()}")
+    return {"probe_value": float("nan") if s.nan else float(cell.config["seed"]), "probe_list": [1, 2]}

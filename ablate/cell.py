@@ -1,9 +1,10 @@
-"""One cell of a grid: its settings, resolved and validated, its id, and what a
-measurement needs from it (the model, the data, the device, a work folder).
+"""One cell of a grid: its settings, resolved and validated, its id, the keys of its
+measurements, and ``Cell``, what a measurement function receives (the model, the data, the
+device, its work folder, its prerequisites' results and folders).
 
-The run settings are a flat set of top-level keys (``RunSettings``) plus one section per
-measurement that has settings (``timing:``, ``train:``); the id of a run is a hash of
-all of it except the list of measurements, so the same cell is the same run tomorrow.
+A cell's settings are a flat set of top-level keys (``CellSettings``) plus one section per
+measurement that has settings (``timing:``, ``train:``); the id of a cell is a hash of all
+of it except the list of measurements, so the same cell has the same id tomorrow.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import torch
 
 from .data import build_dataset, check_dataset_config
 from .measure import MEASURES, Measurement
-from .models import BLOCKS, SIZES, model_name, parse_model_name
+from .models import BLOCKS, SIZES, dit_kwargs, model_name, parse_model_name
 from .registry import UnknownName, did_you_mean
 from .settings import ConfigError, parse
 
 
 @dataclass
-class RunSettings:
+class CellSettings:
     """The top-level settings of a cell (any of them may be an axis of the grid)."""
 
     model: str | None = None  # a registered name such as "DiT-S/2" ...
@@ -69,8 +70,8 @@ class RunSettings:
             self.data = check_dataset_config(self.data)
         except UnknownName as e:
             raise ConfigError("data.name", str(e)) from None
-        except ValueError as e:
-            raise ConfigError("data", str(e)) from None
+        except ConfigError as e:
+            raise ConfigError(f"data.{e.key}" if e.key else "data", e.message) from None
         if self.input_size is None:
             self.input_size = self.data.get("image_size")
         if self.input_size is not None and self.input_size % self.patch_size:
@@ -95,12 +96,12 @@ def resolve(settings: dict) -> dict:
     sections only for the measurements listed. Raises ConfigError."""
     sections = section_names()
     top = {k: v for k, v in settings.items() if k not in sections}
-    top_fields = [f.name for f in dataclasses.fields(RunSettings)]
+    top_fields = [f.name for f in dataclasses.fields(CellSettings)]
     for k in top:
         if k not in top_fields:
             known = top_fields + sections
             raise ConfigError(k, f"unknown setting{did_you_mean(k, known)}; known: {', '.join(known)}")
-    run = dataclasses.asdict(parse(RunSettings, top, ""))
+    config = dataclasses.asdict(parse(CellSettings, top, ""))
     # Expand measurements' prerequisites (fid needs train) in dependency order.
     ordered: list[str] = []
 
@@ -110,22 +111,22 @@ def resolve(settings: dict) -> dict:
         if name not in ordered:
             ordered.append(name)
 
-    for name in run["measure"]:
+    for name in config["measure"]:
         add(name)
-    run["measure"] = ordered
+    config["measure"] = ordered
     for name in sections:
         given = settings.get(name)
         parsed = parse(MEASURES.get(name).settings, given, name)  # checked even when not measured
         if name in ordered:
-            run[name] = dataclasses.asdict(parsed)
-    return run
+            config[name] = dataclasses.asdict(parsed)
+    return config
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_id(config: dict) -> str:
+def cell_id(config: dict) -> str:
     """Stable id of a cell: a hash of its canonical settings less the measurement list, with
     each measurement section reduced to what differs from its defaults, so that adding a
     measurement with default settings to ``measure:`` keeps the cell's id."""
@@ -155,13 +156,21 @@ def label(config: dict) -> str:
     return f"{config['model']} {config['block']} seed={config['seed']}"
 
 
-class Run:
-    """What a measurement function receives: settings, device, data, model, work folder,
-    and the results of the measurements it needs."""
+@dataclass(frozen=True)
+class Needed:
+    """A prerequisite's result as a measurement sees it."""
 
-    def __init__(self, config: dict, workdir: Path, needed: dict[str, dict] | None = None):
+    metrics: dict  # what it returned
+    workdir: Path  # its work folder (checkpoints, samples)
+
+
+class Cell:
+    """What a measurement function receives: the cell's settings, device, data, model, this
+    measurement's work folder, and ``needed[name]`` for each measurement it needs."""
+
+    def __init__(self, config: dict, workdir: Path, needed: dict[str, Needed] | None = None):
         self.config = config
-        self.id = run_id(config)
+        self.id = cell_id(config)
         self._workdir = Path(workdir)
         self.needed = needed or {}
 
@@ -190,17 +199,15 @@ class Run:
     def model_kwargs(self) -> dict:
         """DiT constructor keywords; channels and classes come from the data unless set."""
         c = self.config
-        size = SIZES.get(c["size"])
         in_channels, num_classes, input_size = c["in_channels"], c["num_classes"], c["input_size"]
         if None in (in_channels, num_classes, input_size):
             ds = self.dataset
             in_channels = in_channels or ds.channels
             num_classes = num_classes or ds.num_classes
             input_size = input_size or ds.image_size
-        return dict(input_size=input_size, patch_size=c["patch_size"], in_channels=in_channels,
-                    hidden_size=size.hidden_size, depth=size.depth, num_heads=size.num_heads,
-                    mlp_ratio=size.mlp_ratio, class_dropout_prob=c["class_dropout_prob"],
-                    num_classes=num_classes, learn_sigma=c["learn_sigma"], block=c["block"])
+        return dit_kwargs(size=c["size"], patch_size=c["patch_size"], block=c["block"], input_size=input_size,
+                          in_channels=in_channels, num_classes=num_classes, learn_sigma=c["learn_sigma"],
+                          class_dropout_prob=c["class_dropout_prob"])
 
     def build_model(self):
         from .models import DiT
