@@ -152,6 +152,13 @@ def measurement_key(config: dict, name: str) -> str:
     return f"{name}-{_digest(inputs)}"
 
 
+def resolve_device(device: str) -> torch.device:
+    """The ``device`` setting as this process sees it: auto is cuda where there is a GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
 def label(config: dict) -> str:
     return f"{config['model']} {config['block']} seed={config['seed']}"
 
@@ -186,10 +193,7 @@ class Cell:
 
     @functools.cached_property
     def device(self) -> torch.device:
-        d = self.config["device"]
-        if d == "auto":
-            d = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(d)
+        return resolve_device(self.config["device"])
 
     @functools.cached_property
     def dataset(self):

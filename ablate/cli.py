@@ -58,7 +58,13 @@ def main():
 @click.option("--dry-run", is_flag=True, help="List the cells and what is left to measure; run nothing.")
 @click.option("--retry-failed", is_flag=True, help="Measure again what failed last time.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars (default: on).")
-def run(grid, results, dry_run, retry_failed, progress):
+@click.option("--jobs", "-j", type=int, default=1, show_default=True, metavar="N",
+              help="Worker processes on this machine, each measuring its own cells; on GPUs, worker i "
+                   "gets GPU i // --jobs-per-gpu; on a CPU, each gets cores // N threads.")
+@click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K",
+              help="Workers sharing one GPU (small cells leave most of a GPU idle).")
+@click.option("--worker", hidden=True, metavar="I/N", help="Run as worker I of N of `--jobs N` (internal).")
+def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, worker):
     """Run GRID (a YAML file, or a name in experiments/; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
@@ -83,6 +89,11 @@ def run(grid, results, dry_run, retry_failed, progress):
         click.echo(tabulate(rows, headers=["cell_id", "cell", "measurements"]))
         click.echo(f"{len(g.cells)} cells; results in {store.root}")
         return
+    if worker:
+        _run_worker(g, store, worker, retry_failed)
+    if jobs != 1 or jobs_per_gpu != 1:
+        _run_jobs(g, store, jobs, jobs_per_gpu, retry_failed, progress)
+        return
     summary = run_grid(g, store, retry_failed=retry_failed, progress=progress)
     df = store.write_tables(default_columns())
     _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
@@ -91,6 +102,42 @@ def run(grid, results, dry_run, retry_failed, progress):
     for cell, name, err in summary.failed:
         click.echo(f"failed: {cell}: {name}: {err}", err=True)
     if summary.failed:
+        sys.exit(1)
+
+
+def _run_worker(g, store, worker: str, retry_failed: bool):
+    """One worker of `ablate run --jobs N`: measures, tells the parent what it does, and
+    leaves the table to the parent."""
+    from .launch import worker_report, worker_summary
+    from .runner import run_grid
+
+    i, n = map(int, worker.split("/"))
+    summary = run_grid(g, store, retry_failed=retry_failed, progress=False, worker=(i, n),
+                       report=worker_report(i))
+    worker_summary(summary)
+    sys.exit(1 if summary.failed else 0)
+
+
+def _run_jobs(g, store, jobs: int, jobs_per_gpu: int, retry_failed: bool, progress: bool):
+    from .cell import cell_id
+    from .launch import run_jobs
+    from .measure import default_columns
+
+    try:
+        summary = run_jobs(g, store.root, jobs, jobs_per_gpu=jobs_per_gpu, retry_failed=retry_failed,
+                           progress=progress)
+    except ConfigError as e:
+        _fail(str(e))
+    df = store.write_tables(default_columns())
+    if len(df):
+        _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
+    click.echo(f"\n{summary.measured} measured by {jobs} workers, {len(summary.failed)} failed, "
+               f"{summary.pending} pending; table: {store.root / 'table.csv'}")
+    for cell, name, err in summary.failed:
+        click.echo(f"failed: {cell}: {name}: {err}", err=True)
+    if summary.interrupted:
+        sys.exit(130)
+    if summary.failed or summary.pending or summary.crashed:
         sys.exit(1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Callable
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -60,11 +61,17 @@ def cell_keys(config: dict) -> dict[str, str]:
     return {name: measurement_key(config, name) for name in config["measure"]}
 
 
-def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True) -> Summary:
-    runner = Runner(store, retry_failed=retry_failed, progress=progress)
+def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True,
+             worker: tuple[int, int] = (0, 1), report: Callable[[str, Step], None] | None = None) -> Summary:
+    """Measure the grid's pending cells. ``worker=(i, n)``: this runner is worker i of n on the
+    store (``ablate run --jobs n``); it takes cells i, i+n, i+2n, ... first and then helps with
+    the rest, so the workers start on different cells and the claims keep them apart."""
+    runner = Runner(store, retry_failed=retry_failed, progress=progress, report=report)
     cells = [(c, cell_id(c), cell_keys(c)) for c in grid.cells]
     for index, (config, cid, keys) in enumerate(cells):
         store.save_cell(cid, config, keys, index)
+    i, n = worker
+    cells = cells[i::n] + [c for j, c in enumerate(cells) if j % n != i]
     bar = tqdm(cells, desc=grid.name, unit="cell", disable=not progress, dynamic_ncols=True)
     for config, cid, keys in bar:
         bar.set_postfix_str(label(config))
@@ -77,8 +84,10 @@ def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: 
 class Runner:
     """Measures steps into a store: skips what is done, claims what is not, records the rest."""
 
-    def __init__(self, store: Store, *, retry_failed: bool = False, progress: bool = True):
+    def __init__(self, store: Store, *, retry_failed: bool = False, progress: bool = True,
+                 report: Callable[[str, Step], None] | None = None):
         self.store, self.retry_failed, self.progress = store, retry_failed, progress
+        self.report = report or (lambda event, step: None)  # ("start" | "ok" | "failed", step)
         self.started = now()
         self.summary = Summary()
 
@@ -94,7 +103,10 @@ class Runner:
             found = self._prerequisites(step)
             if found is None:
                 return
-            self.store.save_result(step.key, self._run(step, *found))
+            self.report("start", step)
+            record = self._run(step, *found)
+            self.store.save_result(step.key, record)
+            self.report(record["status"], step)
 
     def _reuse(self, step: Step) -> bool:
         """Whether the step's stored result stands: ok, or failed and not to be retried, or
