@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cell import label, resolve_device
+from .cell import device_dependent, label, resolve_device
 from .grid import Grid
 from .runner import Step, cell_keys
 from .settings import ConfigError
@@ -35,14 +35,23 @@ EVENT = "@ablate "
 # ---------------------------------------------------------------------------------
 # What is left to do
 # ---------------------------------------------------------------------------------
-def pending(grid: Grid, store: Store, retry_failed: bool = False) -> list[tuple[dict, list[str]]]:
+def pending(grid: Grid, store: Store, retry_failed: bool = False, *,
+            here: bool = True) -> list[tuple[dict, list[str]]]:
     """The grid's cells with something left to measure, and what: each measurement without
-    a result (or a failed one, with ``retry_failed``)."""
+    a result (or a failed one, with ``retry_failed``).
+
+    ``here=False``: the cells run on other machines (a SLURM login node asks for its compute
+    nodes), so a measurement whose key names the device (timing) is looked up under the key
+    the cell's last runner stored; a cell never run there has none and is pending."""
+    stored = {} if here else {c["id"]: c for c in store.cells()}
     out = []
     for config in grid.cells:
+        record = stored.get(_cell_id(config), {}).get("measurements", {})
         left = []
         for name, key in cell_keys(config).items():
-            res = store.result(key)
+            if not here and device_dependent(name):
+                key = record.get(name)
+            res = store.result(key) if key else None
             if res is None or (retry_failed and res.get("status") == "failed"):
                 left.append(name)
         if left:

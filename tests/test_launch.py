@@ -13,6 +13,7 @@ import pytest
 from ablate.grid import load_grid
 from ablate.launch import pending, plan
 from ablate.settings import ConfigError
+from ablate.cell import cell_id as _id
 from ablate.store import Store
 
 PROBE = Path(__file__).resolve().parent / "plugins" / "probe.py"
@@ -135,3 +136,74 @@ def test_bad_jobs_is_one_line_and_exit_2(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == "error: --jobs: 0 must be >= 1"
     assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------------------------
+# Shared results across machines: a timing's key names the device it ran on
+# ---------------------------------------------------------------------------------
+def quick_cell(**over):
+    from ablate.grid import find_grid
+
+    return {**load_grid(find_grid("quick")).cells[0], **over}
+
+
+def test_device_independent_keys_are_those_results_were_stored_under():
+    from ablate.cell import measurement_key
+
+    c = quick_cell()
+    # The keys main gave the quick grid's first cell before timing keys named the device:
+    # flops and train results already measured must be found, not measured again.
+    assert measurement_key(c, "flops") == "flops-cdc707ce5960"
+    assert measurement_key(c, "train") == "train-a9406e6e11f8"
+    assert measurement_key(quick_cell(device="cuda"), "flops") == "flops-cdc707ce5960"
+
+
+def test_timing_key_names_the_resolved_device(monkeypatch):
+    import torch
+
+    from ablate.cell import device_identity, measurement_key
+
+    key = lambda **over: measurement_key(quick_cell(**over), "timing")  # noqa: E731
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    on_cpu = key(device="auto")
+    assert on_cpu == key(device="cpu")  # auto on a machine without a GPU is the CPU
+    assert on_cpu == key(device="cpu", threads=2)  # the default thread count, written out
+    assert on_cpu != key(device="cpu", threads=1)  # a worker of --jobs 2 on 2 cores
+    assert device_identity("auto")["type"] == "cpu" and device_identity("auto")["threads"] == 2
+
+    gpu = {"name": "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: gpu["name"])
+    from ablate import cell
+
+    cell._device_name.cache_clear()
+    on_h100 = key(device="auto")
+    assert on_h100 != on_cpu and on_h100 == key(device="cuda")
+    assert device_identity("auto") == {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}
+    gpu["name"] = "NVIDIA A100-SXM4-40GB"
+    cell._device_name.cache_clear()
+    assert key(device="auto") not in (on_h100, on_cpu)  # another GPU model, another timing
+    assert measurement_key(quick_cell(), "flops") == "flops-cdc707ce5960"  # flops are the same anywhere
+    cell._device_name.cache_clear()
+
+
+def test_pending_from_another_machine_reads_the_device_keys_its_runner_stored(tmp_path):
+    """A login node without the cells' GPU asks what is left: the timing key the compute
+    node stored decides, not the key the login node would give it."""
+    from ablate.runner import cell_keys
+
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\ngrid: {block: [adaln-zero, adaln]}\nbase: {model: DiT-T/4, "
+                 "data: {name: digits, image_size: 16}, measure: [flops, timing]}\n")
+    g = load_grid(p)
+    store = Store(tmp_path / "results")
+    assert [left for _, left in pending(g, store, here=False)] == [["flops", "timing"]] * 2
+    config = g.cells[0]
+    keys = {**cell_keys(config), "timing": "timing-onthegpunode"}  # as the GPU node resolved it
+    store.save_cell(_id(config), config, keys)
+    for key in keys.values():
+        store.save_result(key, {"status": "ok", "metrics": {}})
+    assert [c["block"] for c, _ in pending(g, store, here=False)] == ["adaln"]
+    # Here (a CPU) the first cell's timing is another measurement, still to do.
+    assert [(c["block"], left) for c, left in pending(g, store)] == [
+        ("adaln-zero", ["timing"]), ("adaln", ["flops", "timing"])]
