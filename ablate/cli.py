@@ -64,7 +64,21 @@ def main():
 @click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K",
               help="Workers sharing one GPU (small cells leave most of a GPU idle).")
 @click.option("--worker", hidden=True, metavar="I/N", help="Run as worker I of N of `--jobs N` (internal).")
-def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, worker):
+@click.option("--launcher", type=click.Choice(["submitit"]),
+              help="submitit: one SLURM job-array task per pending cell, on a shared results folder.")
+@click.option("--cluster", type=click.Choice(["slurm", "local"]),
+              help="[submitit] slurm (default where sbatch exists) or local (processes here, to try it out).")
+@click.option("--partition", metavar="P", help="[submitit] SLURM partition.")
+@click.option("--gpus-per-node", type=int, default=1, show_default=True, metavar="N", help="[submitit] GPUs per task.")
+@click.option("--cpus-per-task", type=int, metavar="N", help="[submitit] CPU cores per task.")
+@click.option("--mem-gb", type=float, metavar="GB", help="[submitit] memory per task.")
+@click.option("--timeout", "timeout_min", type=int, default=60, show_default=True, metavar="MIN",
+              help="[submitit] time limit of a task; a task cut off is requeued and resumes.")
+@click.option("--slurm-array-parallelism", type=int, metavar="N", help="[submitit] tasks running at once.")
+@click.option("--wait/--no-wait", "wait_for_jobs", default=True,
+              help="[submitit] wait for the tasks and show progress (default), or submit and return.")
+def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, worker, launcher, cluster, partition,
+        gpus_per_node, cpus_per_task, mem_gb, timeout_min, slurm_array_parallelism, wait_for_jobs):
     """Run GRID (a YAML file, or a name in experiments/; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
@@ -91,6 +105,24 @@ def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, work
         return
     if worker:
         _run_worker(g, store, worker, retry_failed)
+    if launcher == "submitit":
+        if jobs != 1:
+            _fail("--jobs: runs workers on this machine; with --launcher submitit each cell is a SLURM task")
+        for opt, v in (("--gpus-per-node", gpus_per_node), ("--timeout", timeout_min), ("--cpus-per-task", cpus_per_task),
+                       ("--mem-gb", mem_gb), ("--slurm-array-parallelism", slurm_array_parallelism)):
+            if v is not None and v <= 0 and not (opt == "--gpus-per-node" and v == 0):
+                _fail(f"{opt}: {v} must be > 0")
+        try:
+            from .slurm import main_submit
+        except ImportError:
+            _fail("--launcher submitit: needs submitit (pip install 'ablate[slurm]')")
+        code = main_submit(g, store.root, wait_for_jobs=wait_for_jobs, progress=progress, cluster=cluster,
+                           partition=partition, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                           mem_gb=mem_gb, timeout_min=timeout_min, array_parallelism=slurm_array_parallelism,
+                           retry_failed=retry_failed)
+        if wait_for_jobs and code in (0, 1):
+            _show_results(g, store)
+        sys.exit(code)
     if jobs != 1 or jobs_per_gpu != 1:
         _run_jobs(g, store, jobs, jobs_per_gpu, retry_failed, progress)
         return
@@ -103,6 +135,22 @@ def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, work
         click.echo(f"failed: {cell}: {name}: {err}", err=True)
     if summary.failed:
         sys.exit(1)
+
+
+def _show_results(g, store):
+    """Write the tables and print the grid's rows and its failures."""
+    from .cell import cell_id
+    from .launch import failures, pending
+    from .measure import default_columns
+
+    df = store.write_tables(default_columns())
+    if len(df):
+        _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
+    failed = failures(g, store)
+    left = sum(len(m) for _, m in pending(g, store, here=False))
+    click.echo(f"\n{len(failed)} failed, {left} pending; table: {store.root / 'table.csv'}")
+    for cell, name, err in failed:
+        click.echo(f"failed: {cell}: {name}: {err}", err=True)
 
 
 def _run_worker(g, store, worker: str, retry_failed: bool):

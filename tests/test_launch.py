@@ -207,3 +207,83 @@ def test_pending_from_another_machine_reads_the_device_keys_its_runner_stored(tm
     # Here (a CPU) the first cell's timing is another measurement, still to do.
     assert [(c["block"], left) for c, left in pending(g, store)] == [
         ("adaln-zero", ["timing"]), ("adaln", ["flops", "timing"])]
+
+
+# ---------------------------------------------------------------------------------
+# --launcher submitit, on submitit's local executor
+# ---------------------------------------------------------------------------------
+def _lock_pid(results: Path, prefix: str) -> int | None:
+    for p in (results / "locks").glob(f"{prefix}-*.lock") if (results / "locks").exists() else []:
+        text = p.read_text().split()
+        return int(text[1]) if len(text) == 2 else None
+    return None
+
+
+def _checkpoint_step(results: Path) -> int:
+    import torch
+
+    for p in (results / "work").glob("train-*/checkpoint.pt") if (results / "work").exists() else []:
+        try:
+            return torch.load(p, weights_only=False)["step"]
+        except (OSError, RuntimeError, EOFError):
+            return 0
+    return 0
+
+
+def test_submitit_task_preempted_then_killed_resumes_its_training(tmp_path):
+    """One cell as a submitit task (local executor). Pre-empted (SIGUSR2, as SLURM sends):
+    submitit requeues it and training resumes. Killed (SIGKILL): the task is lost, `ablate
+    run` says so and exits 1; run again, it resubmits the cell, which resumes again and
+    finishes with one continuous training log; flops are measured once."""
+    pytest.importorskip("submitit")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(textwrap.dedent("""
+        name: slurm
+        base:
+          model: DiT-T/4
+          data: {name: digits, image_size: 8}
+          measure: [flops, train]
+          train: {steps: 300, batch_size: 8, precision: fp32, log_every: 10, checkpoint_every: 10,
+                  eval_samples: 0}
+        """))
+    results = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "ablate.cli", "run", str(grid), "--results", str(results), "--no-progress",
+           "--launcher", "submitit", "--cluster", "local", "--gpus-per-node", "0", "--timeout", "10"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(cond, what):
+        deadline = time.time() + 180
+        while not cond():
+            assert time.time() < deadline and proc.poll() is None, f"waiting for {what}: {proc.poll()}"
+            time.sleep(0.05)
+
+    wait_for(lambda: _checkpoint_step(results) >= 20 and _lock_pid(results, "train"), "a checkpoint")
+    first = _lock_pid(results, "train")
+    os.kill(first, signal.SIGUSR2)  # pre-emption: submitit checkpoints and requeues the task
+    preempted_at = _checkpoint_step(results)
+    wait_for(lambda: _lock_pid(results, "train") not in (None, first)
+             and _checkpoint_step(results) >= preempted_at + 20, "the requeued task")
+    assert _checkpoint_step(results) < 300
+    os.kill(_lock_pid(results, "train"), signal.SIGKILL)  # lost: no signal to checkpoint on
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "lost: task" in err and "0 failed, 1 pending" in out
+    assert [p.name.split("-")[0] for p in (results / "measurements").glob("*.json")] == ["flops"]
+    flops = next((results / "measurements").glob("flops-*.json")).read_text()
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "submitted 1 tasks" in again.stdout and "0 failed, 0 pending" in again.stdout
+    assert next((results / "measurements").glob("flops-*.json")).read_text() == flops  # not measured again
+    import json
+
+    (train,) = [json.loads(p.read_text()) for p in (results / "measurements").glob("train-*.json")]
+    log = train["metrics"]["log"]
+    assert train["status"] == "ok" and [e["step"] for e in log] == list(range(10, 301, 10))
+    # Three processes trained it: the first, the requeued one, the resubmitted one; each
+    # resumed where the checkpoint was, none started over.
+    starts = [e["step"] for e in log if e["first_window"]]
+    assert len(starts) == 3 and starts[0] == 10 and starts[1] > 20 and starts[2] > starts[1]
+    nothing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 0 and "nothing to submit" in nothing.stdout
