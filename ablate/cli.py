@@ -84,6 +84,11 @@ def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, work
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
     and several `ablate run` processes on one results folder share the work. Exits 1 if
     any cell failed (its error is in the table), 2 on bad input.
+
+    \b
+    More than one process:
+      ablate run GRID --jobs 4                  # 4 workers here (one GPU each where there are GPUs)
+      ablate run GRID --launcher submitit --partition gpu --timeout 720   # a SLURM task per cell
     """
     from .cell import cell_id, label
     from .measure import default_columns
@@ -105,6 +110,13 @@ def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, work
         return
     if worker:
         _run_worker(g, store, worker, retry_failed)
+    slurm_only = {"--cluster": cluster, "--partition": partition, "--cpus-per-task": cpus_per_task,
+                  "--mem-gb": mem_gb, "--slurm-array-parallelism": slurm_array_parallelism,
+                  "--gpus-per-node": None if gpus_per_node == 1 else gpus_per_node,
+                  "--timeout": None if timeout_min == 60 else timeout_min, "--no-wait": None if wait_for_jobs else True}
+    given = [opt for opt, v in slurm_only.items() if v is not None]
+    if launcher is None and given:
+        _fail(f"{given[0]}: only with --launcher submitit")
     if launcher == "submitit":
         if jobs != 1:
             _fail("--jobs: runs workers on this machine; with --launcher submitit each cell is a SLURM task")
@@ -137,8 +149,8 @@ def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, work
         sys.exit(1)
 
 
-def _show_results(g, store):
-    """Write the tables and print the grid's rows and its failures."""
+def _show_results(g, store, head: str = ""):
+    """Write the tables and print the grid's rows, what failed and what is left."""
     from .cell import cell_id
     from .launch import failures, pending
     from .measure import default_columns
@@ -148,7 +160,7 @@ def _show_results(g, store):
         _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
     failed = failures(g, store)
     left = sum(len(m) for _, m in pending(g, store, here=False))
-    click.echo(f"\n{len(failed)} failed, {left} pending; table: {store.root / 'table.csv'}")
+    click.echo(f"\n{head}{len(failed)} failed, {left} pending; table: {store.root / 'table.csv'}")
     for cell, name, err in failed:
         click.echo(f"failed: {cell}: {name}: {err}", err=True)
 
@@ -167,22 +179,14 @@ def _run_worker(g, store, worker: str, retry_failed: bool):
 
 
 def _run_jobs(g, store, jobs: int, jobs_per_gpu: int, retry_failed: bool, progress: bool):
-    from .cell import cell_id
     from .launch import run_jobs
-    from .measure import default_columns
 
     try:
         summary = run_jobs(g, store.root, jobs, jobs_per_gpu=jobs_per_gpu, retry_failed=retry_failed,
                            progress=progress)
     except ConfigError as e:
         _fail(str(e))
-    df = store.write_tables(default_columns())
-    if len(df):
-        _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
-    click.echo(f"\n{summary.measured} measured by {jobs} workers, {len(summary.failed)} failed, "
-               f"{summary.pending} pending; table: {store.root / 'table.csv'}")
-    for cell, name, err in summary.failed:
-        click.echo(f"failed: {cell}: {name}: {err}", err=True)
+    _show_results(g, store, f"{summary.measured} measured by {jobs} workers, ")
     if summary.interrupted:
         sys.exit(130)
     if summary.failed or summary.pending or summary.crashed:

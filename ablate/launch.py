@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cell import device_dependent, label, resolve_device
+from .cell import cell_id, device_dependent, label, resolve_device
 from .grid import Grid
 from .runner import Step, cell_keys
 from .settings import ConfigError
@@ -46,7 +46,7 @@ def pending(grid: Grid, store: Store, retry_failed: bool = False, *,
     stored = {} if here else {c["id"]: c for c in store.cells()}
     out = []
     for config in grid.cells:
-        record = stored.get(_cell_id(config), {}).get("measurements", {})
+        record = stored.get(cell_id(config), {}).get("measurements", {})
         left = []
         for name, key in cell_keys(config).items():
             if not here and device_dependent(name):
@@ -59,18 +59,12 @@ def pending(grid: Grid, store: Store, retry_failed: bool = False, *,
     return out
 
 
-def _cell_id(config: dict) -> str:
-    from .cell import cell_id
-
-    return cell_id(config)
-
-
 def failures(grid: Grid, store: Store) -> list[tuple[str, str, str]]:
     """(cell, measurement, error) of every failed measurement of the grid, from the store."""
     stored = {c["id"]: c for c in store.cells()}
     out = []
     for config in grid.cells:
-        for name, key in stored.get(_cell_id(config), {}).get("measurements", {}).items():
+        for name, key in stored.get(cell_id(config), {}).get("measurements", {}).items():
             res = store.result(key)
             if res is not None and res.get("status") == "failed":
                 out.append((label(config), name, res.get("error", "")))
@@ -150,7 +144,6 @@ class Worker:
 @dataclass
 class JobsSummary:
     measured: int = 0
-    reused: int = 0
     failed: list[tuple[str, str, str]] = field(default_factory=list)
     pending: int = 0  # measurements no worker finished (a worker died, or Ctrl-C)
     crashed: list[int] = field(default_factory=list)  # workers that exited with neither 0 nor 1
@@ -218,7 +211,6 @@ def run_jobs(grid: Grid, results: Path, jobs: int, *, jobs_per_gpu: int = 1, ret
         view.close()
     for w in workers:
         summary.measured += w.summary.get("measured", 0)
-        summary.reused += w.summary.get("reused", 0)
         if w.proc.returncode not in (0, 1) and not summary.interrupted:
             summary.crashed.append(w.index)
             tail = "\n".join(w.stderr)

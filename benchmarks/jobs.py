@@ -6,7 +6,7 @@ and its timing (forward and training step, batch 4). Each
 job count starts from an empty results folder, and the wall time is the whole command's,
 Python's start included, as a user sees it.
 
-    python benchmarks/jobs.py [--jobs 1 2 4] [--device cpu|auto] [--batch-size 8] [--repeats 5]
+    python benchmarks/jobs.py [--jobs 1 2 4] [--device cpu|auto] [--input-size 16] [--batch-size 4] [--repeats 3]
 
 On a CPU, workers divide the cores (cores // N torch threads each): more jobs than cores
 oversubscribe, and each cell's step gets slower while the grid may still finish sooner (the

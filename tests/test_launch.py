@@ -135,6 +135,9 @@ def test_bad_jobs_is_one_line_and_exit_2(tmp_path):
     proc = start(grid, tmp_path / "results", tmp_path / "log", "--jobs", "0")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == "error: --jobs: 0 must be >= 1"
+    proc = start(grid, tmp_path / "results", tmp_path / "log", "--partition", "gpu")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == "error: --partition: only with --launcher submitit"
     assert not (tmp_path / "results").exists()
 
 
