@@ -299,7 +299,7 @@ class _View:
         self.main.refresh()
         for w, bar in zip(self.workers, self.bars):
             state = (f"{w.running} ({time.time() - w.since:.0f} s)" if w.running else
-                     "idle" if w.proc.poll() is None else "done")
+                     "done" if w.proc.poll() is not None else "idle" if w.since else "starting")
             bar.set_description_str(f"  worker {w.index}: {state}")
 
     def close(self) -> None:
