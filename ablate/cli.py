@@ -128,7 +128,8 @@ def _print_table(df, columns, fmt, output=None):
 @click.argument("grid", required=False)
 @click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
 @click.option("--query", "-q", metavar="EXPR",
-              help="pandas query, e.g. \"block == 'adaln-zero' and patch_size == 2\".")
+              help="Rows where EXPR is true, e.g. \"block == 'adaln-zero' and patch_size == 2\": column "
+                   "names, literals, comparisons, in, and/or/not, arithmetic; nothing else.")
 @click.option("--columns", "-c", metavar="COLS",
               help="Comma-separated columns (default: a summary; 'all' for every column).")
 @click.option("--pivot", metavar="INDEX:COLUMNS:VALUES", help="e.g. model:block:gflops.")
@@ -157,11 +158,13 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
     df = store.table()
     if g is not None and len(df):  # the grid's cells as the file now defines them
         df = df[df["cell_id"].isin({cell_id(c) for c in g.cells})]
-    if query:
+    if query is not None:
+        from .query import QueryError, filter_rows
+
         try:
-            df = df.query(query)
-        except Exception as e:  # noqa: BLE001  -- pandas raises many kinds
-            _fail(f"--query {query!r}: {one_line(e)}{_column_hint(e, df)}")
+            df = filter_rows(df, query)
+        except QueryError as e:
+            _fail(f"--query {query!r}: {e}")
     if sort:
         keys = sort.split(",")
         _check_columns(keys, df, "--sort")
@@ -196,15 +199,6 @@ def _check_columns(cols, df, option):
     for c in cols:
         if c not in df.columns:
             _fail(f"{option}: no column {c!r}{did_you_mean(c, [str(x) for x in df.columns])}")
-
-
-def _column_hint(err, df) -> str:
-    from .registry import did_you_mean
-
-    if "is not defined" in str(err):
-        word = str(err).split("'")[1] if "'" in str(err) else ""
-        return did_you_mean(word, [str(c) for c in df.columns])
-    return ""
 
 
 @main.command()

@@ -1,0 +1,60 @@
+"""What a new user and a hostile or unlucky input hit (issue 9), run as a user runs them:
+the `ablate` command in a fresh process. Bad input is one line, exit 2, no traceback."""
+import textwrap
+
+import pytest
+
+from conftest import run_cli
+
+
+def one_error_line(r, *words):
+    """Exit 2, and stderr is exactly one `error:` line containing ``words``."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def flops_grid(tmp_path_factory):
+    """Two measured cells: patch sizes 2 and 4 of a tiny DiT."""
+    tmp = tmp_path_factory.mktemp("flops")
+    g = tmp / "g.yaml"
+    g.write_text(textwrap.dedent("""
+        name: g
+        grid: {patch_size: [2, 4]}
+        base: {size: T, data: {name: digits, image_size: 8}, measure: [flops]}
+        """))
+    r = run_cli("run", g, "--results", tmp / "res", "--no-progress", cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    return g, tmp / "res"
+
+
+# ----- 3. a query reads columns and nothing else -----------------------------------------
+def test_query_cannot_run_code(flops_grid, tmp_path):
+    g, res = flops_grid
+    r = run_cli("table", g, "--results", res, "-q",
+                "gflops > 0 and @pd.io.common.os.system('id > pwned.txt') == 0", cwd=tmp_path)
+    one_error_line(r, "--query", "'@'")
+    assert not (tmp_path / "pwned.txt").exists() and r.stdout == ""
+    r = run_cli("table", g, "--results", res, "-q", "gflops > 0 and __import__('os').system('id > pwned.txt') == 0",
+                cwd=tmp_path)
+    one_error_line(r, "--query", "a function call is not allowed")
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_query_that_is_not_a_condition_is_one_line(flops_grid):
+    g, res = flops_grid
+    one_error_line(run_cli("table", g, "--results", res, "-q", "1"), "--query '1'", "not a condition")
+
+
+def test_query_of_columns_literals_in_and_arithmetic(flops_grid):
+    g, res = flops_grid
+    r = run_cli("table", g, "--results", res, "-f", "csv", "-c", "patch_size,gflops",
+                "-q", "patch_size in [4, 8] and not gflops * 1000 <= 0 and `data.image_size` == 8")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "patch_size,gflops" and len(lines) == 2 and lines[1].startswith("4,")
+    assert float(lines[1].split(",")[1]) > 0
