@@ -48,7 +48,8 @@ def main():
       ablate run                  # the shipped quick grid: 4 blocks on digits, a few minutes on a CPU
       ablate table                # its results
       ablate ls                   # models, blocks, datasets, measurements you can name
-      ablate run experiments/dit-paper-gflops.yaml   # the paper's 48 Gflops cells
+      ablate ls grids             # the built-in grids
+      ablate run dit-paper-gflops # the paper's 48 Gflops cells
     """
 
 
@@ -59,7 +60,7 @@ def main():
 @click.option("--retry-failed", is_flag=True, help="Measure again what failed last time.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars (default: on).")
 def run(grid, results, dry_run, retry_failed, progress):
-    """Run GRID (a YAML file, or a name in experiments/; default: quick).
+    """Run GRID (a YAML file, or the name of a built-in grid, see `ablate ls grids`; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
     and several `ablate run` processes on one results folder share the work. Exits 1 if
@@ -213,12 +214,14 @@ def validate(grids):
 
 @main.command(name="ls")
 @click.argument("what", required=False,
-                type=click.Choice(["models", "sizes", "blocks", "datasets", "measurements"]))
+                type=click.Choice(["models", "sizes", "blocks", "datasets", "measurements", "grids"]))
 def ls(what):
-    """List what a grid can name: models, sizes, blocks, datasets, measurements."""
+    """List what a grid can name (models, sizes, blocks, datasets, measurements) and the
+    built-in grids that `ablate run NAME` runs."""
     from tabulate import tabulate
 
     from .data import DATASETS
+    from .grid import shipped_grids
     from .measure import MEASURES
     from .models import BLOCKS, MODELS, SIZES
 
@@ -230,10 +233,21 @@ def ls(what):
         "datasets": (["dataset", "description"], [[n, _doc(f)] for n, f in DATASETS.items()]),
         "measurements": (["measurement", "settings section", "needs", "description"],
                          [[n, n if m.settings else "", ", ".join(m.needs), m.doc] for n, m in MEASURES.items()]),
+        "grids": (["grid", "description", "file"],
+                  [[n, _grid_description(p), str(p)] for n, p in shipped_grids().items()]),
     }
-    for name in ([what] if what else ["models", "sizes", "blocks", "datasets", "measurements"]):
+    for name in ([what] if what else ["models", "sizes", "blocks", "datasets", "measurements", "grids"]):
         headers, rows = tables[name]
         click.echo(tabulate(rows, headers=headers) + "\n")
+
+
+def _grid_description(path) -> str:
+    import yaml
+
+    try:
+        return str(yaml.safe_load(path.read_text(encoding="utf-8")).get("description", ""))
+    except Exception:  # noqa: BLE001  -- a listing, not a validation: `ablate validate` says what is wrong
+        return ""
 
 
 def _doc(obj) -> str:

@@ -35,7 +35,25 @@ from .cell import cell_id, resolve
 from .settings import ConfigError
 
 TOP_KEYS = ("name", "description", "include", "imports", "grid", "exclude", "base")
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def shipped_grids_folder() -> Path:
+    """The built-in grids: the package ``ablate.experiments`` of an install (pyproject maps
+    it to the repository's experiments/), else experiments/ beside the source tree."""
+    # A folder of data files, not a module: a namespace package, so ask for its location.
+    spec = importlib.util.find_spec("ablate.experiments")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / "quick.yaml").is_file():
+            return Path(folder)
+    return Path(__file__).resolve().parent.parent / "experiments"  # a source tree on sys.path
+
+
+EXPERIMENTS = shipped_grids_folder()
+
+
+def shipped_grids() -> dict[str, Path]:
+    """Name -> file of every built-in grid (``ablate ls grids``)."""
+    return {p.stem: p for p in sorted(EXPERIMENTS.glob("*.yaml"))}
 
 
 @dataclass

@@ -58,3 +58,37 @@ def test_query_of_columns_literals_in_and_arithmetic(flops_grid):
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "patch_size,gflops" and len(lines) == 2 and lines[1].startswith("4,")
     assert float(lines[1].split(",")[1]) > 0
+
+
+# ----- 2. a non-editable install finds its built-in grids -------------------------------
+def test_non_editable_install_ships_the_grids(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("ablate", "experiments"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # --no-build-isolation: build with the setuptools installed here, no download
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(tmp_path / "site"), str(src)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr
+    assert (tmp_path / "site" / "ablate" / "experiments" / "quick.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(tmp_path / "site")}  # the installed copy only, not this checkout
+    r = run_cli("ls", "grids", cwd=elsewhere, env=env)
+    assert r.returncode == 0, r.stderr
+    for name in ("quick", "dit-paper-gflops", "cpu-timing"):
+        assert name in r.stdout
+    assert str(tmp_path / "site" / "ablate" / "experiments" / "quick.yaml") in r.stdout
+    r = run_cli("run", "--dry-run", cwd=elsewhere, env=env)  # the default grid, quick
+    assert r.returncode == 0, r.stderr
+    assert "4 cells" in r.stdout and "train:pending" in r.stdout
+    assert not (elsewhere / "results").exists()
