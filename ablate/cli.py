@@ -20,20 +20,46 @@ def _fail(message: str, code: int = 2):
 
 
 def _load(grid_arg: str | None):
+    try:
+        return _load_or_raise(grid_arg)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _load_or_raise(grid_arg: str | None):
     from .grid import find_grid, load_grid
 
     path = find_grid(grid_arg)
-    try:
-        return load_grid(path, shown=grid_arg or str(path))
-    except ConfigError as e:
-        _fail(str(e))
+    return load_grid(path, shown=grid_arg or str(path), progress=True)
 
 
 def _results_dir(results: str | None, grid_name: str) -> Path:
     return Path(results) if results else Path("results") / grid_name
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """Click's own usage errors (an unknown option, ``-f xml``) as the one ``error:`` line
+    that every other mistake gets, instead of the usage text."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else "", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path}: " if e.ctx else ""
+            _fail(where + " ".join(e.format_message().split()), e.exit_code)
+        except click.ClickException as e:
+            _fail(" ".join(e.format_message().split()), e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ablate")
 def main():
     """Measure what a Diffusion Transformer design choice costs and what it buys.
@@ -205,11 +231,19 @@ def _check_columns(cols, df, option):
 @main.command()
 @click.argument("grids", nargs=-1, required=True)
 def validate(grids):
-    """Check grid files without running them: one line per file."""
+    """Check grid files without running them: one line per file; exit 2 if any is wrong."""
+    bad = False
     for grid in grids:
-        g = _load(grid)
+        try:
+            g = _load_or_raise(grid)
+        except ConfigError as e:
+            click.echo(f"error: {e}", err=True)
+            bad = True
+            continue
         click.echo(f"{grid}: ok, {len(g.cells)} cells, axes: {', '.join(g.axes) or 'none'}; "
                    f"measure: {', '.join(g.cells[0]['measure'])}")
+    if bad:
+        sys.exit(2)
 
 
 @main.command(name="ls")

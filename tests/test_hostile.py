@@ -92,3 +92,49 @@ def test_non_editable_install_ships_the_grids(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "4 cells" in r.stdout and "train:pending" in r.stdout
     assert not (elsewhere / "results").exists()
+
+
+# ----- 8. grid files: names, non-finite numbers, anchors, encoding, plugins, size ------
+BAD_GRIDS = {  # file -> (YAML text, words its one error line must contain)
+    "nul.yaml": ('name: "a\\0b"\nbase: {model: DiT-T/4}\n', ["name", "control character"]),
+    "newline.yaml": ('name: "a\\nb"\nbase: {model: DiT-T/4}\n', ["name", "control character"]),
+    "space.yaml": ('name: " padded"\nbase: {model: DiT-T/4}\n', ["name", "begins or ends with a space"]),
+    "long.yaml": ("name: " + "é" * 128 + "\nbase: {model: DiT-T/4}\n", ["name", "256 bytes", "at most 255"]),
+    "nan_lr.yaml": ("base: {model: DiT-T/4, measure: [train], train: {lr: .nan}}\n",
+                    ["base.train.lr", "nan is not a finite number"]),
+    "inf_clip.yaml": ("grid: {train.grad_clip: [1.0, .inf]}\nbase: {model: DiT-T/4, measure: [train]}\n",
+                      ["grid.train.grad_clip", "inf is not a finite number"]),
+    "nan_scale.yaml": ("base: {model: DiT-T/4, data: {name: latents, root: x, scale: .nan}}\n",
+                       ["base.data.scale", "nan is not a finite number"]),
+    "anchor.yaml": ("base: &b\n  model: DiT-T/4\n  extra: *b\n", ["base.extra", "refers to the anchor it is inside"]),
+    "exits.yaml": ("imports: [exits.py]\nbase: {model: DiT-T/4}\n", ["imports", "'exits.py' called sys.exit(0)"]),
+}
+
+
+def test_bad_grid_files_are_one_line_each_and_yaml_is_utf8_whatever_the_locale(tmp_path):
+    for name, (text, _) in BAD_GRIDS.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    # Not ASCII, read under an ASCII locale: UTF-8 is the encoding of a grid file.
+    (tmp_path / "accents.yaml").write_text("description: café, naïve\nbase: {model: DiT-T/4}  # ü\n",
+                                           encoding="utf-8")
+    seeds = ", ".join(map(str, range(2001)))  # above LARGE_GRID: say so before checking it all
+    (tmp_path / "large.yaml").write_text(f"grid: {{seed: [{seeds}]}}\nbase: {{model: DiT-T/4}}\n")
+    env = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = run_cli("validate", *BAD_GRIDS, "accents.yaml", "large.yaml", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(BAD_GRIDS), r.stderr
+    for line, (name, (_, words)) in zip(errors, BAD_GRIDS.items()):
+        assert line.startswith(f"error: {name}: ")
+        for w in words:
+            assert w in line.encode("ascii", "backslashreplace").decode("unicode_escape"), (w, line)
+    assert r.stdout.splitlines() == [
+        "accents.yaml: ok, 1 cells, axes: none; measure: flops",
+        "large.yaml: ok, 2001 cells, axes: seed; measure: flops"]
+    assert "warning: large.yaml: 2,001 combinations" in r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_format_is_the_error_line_not_the_usage_text(tmp_path):
+    one_error_line(run_cli("table", "-f", "xml", cwd=tmp_path), "--format", "'xml'", "csv")
