@@ -85,20 +85,22 @@ def main():
 @click.option("--dry-run", is_flag=True, help="List the cells and what is left to measure; run nothing.")
 @click.option("--retry-failed", is_flag=True, help="Measure again what failed last time.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars (default: on).")
-def run(grid, results, dry_run, retry_failed, progress):
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+              help="How long to wait for measurements another process holds before giving up on them.")
+def run(grid, results, dry_run, retry_failed, progress, wait_s):
     """Run GRID (a YAML file, or the name of a built-in grid, see `ablate ls grids`; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
-    and several `ablate run` processes on one results folder share the work. Exits 1 if
-    any cell failed (its error is in the table), 2 on bad input.
+    and several `ablate run` processes on one results folder share the work (each waits up
+    to --wait seconds for what another holds). Exits 1 if any cell failed (its error is in
+    the table) or is still held by another process, 2 on bad input.
     """
-    from .cell import cell_id, label
+    from .cell import cell_id
     from .measure import default_columns
-    from .runner import cell_keys, run_grid
-    from .store import Store
+    from .runner import cell_keys, describe, run_grid
 
     g = _load(grid)
-    store = Store(_results_dir(results, g.name))
+    store = _open_store(_results_dir(results, g.name), set_aside=not dry_run)
     if dry_run:
         from tabulate import tabulate
 
@@ -106,19 +108,55 @@ def run(grid, results, dry_run, retry_failed, progress):
         for c in g.cells:
             keys = cell_keys(c)
             state = {n: (store.result(k) or {}).get("status", "pending") for n, k in keys.items()}
-            rows.append([cell_id(c), label(c), ", ".join(f"{n}:{s}" for n, s in state.items())])
+            rows.append([cell_id(c), describe(c, g.axes), ", ".join(f"{n}:{s}" for n, s in state.items())])
         click.echo(tabulate(rows, headers=["cell_id", "cell", "measurements"]))
         click.echo(f"{len(g.cells)} cells; results in {store.root}")
         return
-    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress)
-    df = store.write_tables(default_columns())
-    _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
+    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s)
+    store.write_tables(default_columns())
+    _print_table(store.table(_grid_cells(store, g)), None, "markdown")
     click.echo(f"\n{summary.measured} measured, {summary.reused} reused, {len(summary.failed)} failed, "
                f"{len(summary.busy)} held by another process; table: {store.root / 'table.csv'}")
     for cell, name, err in summary.failed:
         click.echo(f"failed: {cell}: {name}: {err}", err=True)
-    if summary.failed:
+    for cell, name in summary.busy:
+        click.echo(f"not done: {cell}: {name}: still held by another process after {wait_s:g} s; "
+                   "run again to finish it", err=True)
+    if summary.failed or summary.busy:
         sys.exit(1)
+
+
+def _open_store(root, set_aside: bool = True):
+    """The results folder, refused in one line if it is a file or links out of itself."""
+    from .store import Store, StoreError
+
+    store = Store(root, set_aside=set_aside)
+    try:
+        store.check()
+    except StoreError as e:
+        _fail(e.strerror)
+    return store
+
+
+def _grid_cells(store, g) -> list[dict]:
+    """The records of the grid's cells that are in the folder, with the measurements this
+    grid asks for (another grid sharing a cell may have asked for more)."""
+    from .cell import cell_id
+    from .runner import cell_keys
+
+    stored = {c["id"] for c in store.cells()}
+    return [{"id": cid, "index": i, "config": c, "measurements": cell_keys(c)}
+            for i, c in enumerate(g.cells) if (cid := cell_id(c)) in stored]
+
+
+def _holdings(store) -> str:
+    """'4 cells of grid 'quick', 2 cells of grid 'other'' for a message."""
+    from collections import Counter
+
+    count = Counter(name for c in store.cells() for name in (c.get("grids") or ["(unnamed)"]))
+    if not count:
+        return "no cells"
+    return ", ".join(f"{n} cells of grid {name!r}" for name, n in count.most_common())
 
 
 def _print_table(df, columns, fmt, output=None):
@@ -164,7 +202,8 @@ def _print_table(df, columns, fmt, output=None):
 @click.option("--format", "-f", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
 @click.option("--output", "-o", metavar="FILE", help="Write to FILE instead of the terminal.")
 def table(grid, results, query, columns, pivot, sort, fmt, output):
-    """Show the results of GRID (default: quick) as one table, one row per cell.
+    """Show the results of GRID (default: quick) as one table, one row per cell; with
+    --results DIR and no GRID, every cell in DIR.
 
     Columns are the cell's settings (model, block, patch_size, seed, train.lr, ...), every
     metric (gflops, params, fwd_ms, step_img_per_s, final_loss, ...), status, error and
@@ -172,19 +211,25 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
     """
     import pandas as pd
 
-    from .cell import cell_id
     from .grid import find_grid
-    from .store import Store
 
-    g = _load(grid) if find_grid(grid).is_file() else None
+    if grid is None and results is not None:
+        g = None  # every cell in the folder
+    else:
+        g = _load(grid) if find_grid(grid).is_file() else None
     if results is None:
         results = _results_dir(None, g.name if g else str(grid))
-    store = Store(results)
+    store = _open_store(results, set_aside=False)
     if not (store.root / "cells").is_dir():
         _fail(f"{store.root}: no results here (run `ablate run` first, or pass --results DIR)")
-    df = store.table()
-    if g is not None and len(df):  # the grid's cells as the file now defines them
-        df = df[df["cell_id"].isin({cell_id(c) for c in g.cells})]
+    if g is None:
+        df = store.table()
+    else:  # the grid's cells as the file now defines them, with what it asks of them
+        cells = _grid_cells(store, g)
+        if not cells:
+            _fail(f"{store.root}: none of the {len(g.cells)} cells of grid {g.name!r} is here; "
+                  f"it holds {_holdings(store)} (`ablate table --results {store.root}` shows them all)")
+        df = store.table(cells)
     if query is not None:
         from .query import QueryError, filter_rows
 

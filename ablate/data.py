@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import typing
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
