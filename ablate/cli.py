@@ -20,20 +20,46 @@ def _fail(message: str, code: int = 2):
 
 
 def _load(grid_arg: str | None):
+    try:
+        return _load_or_raise(grid_arg)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _load_or_raise(grid_arg: str | None):
     from .grid import find_grid, load_grid
 
     path = find_grid(grid_arg)
-    try:
-        return load_grid(path, shown=grid_arg or str(path))
-    except ConfigError as e:
-        _fail(str(e))
+    return load_grid(path, shown=grid_arg or str(path), progress=True)
 
 
 def _results_dir(results: str | None, grid_name: str) -> Path:
     return Path(results) if results else Path("results") / grid_name
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """Click's own usage errors (an unknown option, ``-f xml``) as the one ``error:`` line
+    that every other mistake gets, instead of the usage text."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else "", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path}: " if e.ctx else ""
+            _fail(where + " ".join(e.format_message().split()), e.exit_code)
+        except click.ClickException as e:
+            _fail(" ".join(e.format_message().split()), e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ablate")
 def main():
     """Measure what a Diffusion Transformer design choice costs and what it buys.
@@ -48,7 +74,8 @@ def main():
       ablate run                  # the shipped quick grid: 4 blocks on digits, a few minutes on a CPU
       ablate table                # its results
       ablate ls                   # models, blocks, datasets, measurements you can name
-      ablate run experiments/dit-paper-gflops.yaml   # the paper's 48 Gflops cells
+      ablate ls grids             # the built-in grids
+      ablate run dit-paper-gflops # the paper's 48 Gflops cells
     """
 
 
@@ -58,20 +85,22 @@ def main():
 @click.option("--dry-run", is_flag=True, help="List the cells and what is left to measure; run nothing.")
 @click.option("--retry-failed", is_flag=True, help="Measure again what failed last time.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars (default: on).")
-def run(grid, results, dry_run, retry_failed, progress):
-    """Run GRID (a YAML file, or a name in experiments/; default: quick).
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+              help="How long to wait for measurements another process holds before giving up on them.")
+def run(grid, results, dry_run, retry_failed, progress, wait_s):
+    """Run GRID (a YAML file, or the name of a built-in grid, see `ablate ls grids`; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
-    and several `ablate run` processes on one results folder share the work. Exits 1 if
-    any cell failed (its error is in the table), 2 on bad input.
+    and several `ablate run` processes on one results folder share the work (each waits up
+    to --wait seconds for what another holds). Exits 1 if any cell failed (its error is in
+    the table) or is still held by another process, 2 on bad input.
     """
-    from .cell import cell_id, label
+    from .cell import cell_id
     from .measure import default_columns
-    from .runner import cell_keys, run_grid
-    from .store import Store
+    from .runner import cell_keys, describe, run_grid
 
     g = _load(grid)
-    store = Store(_results_dir(results, g.name))
+    store = _open_store(_results_dir(results, g.name), set_aside=not dry_run)
     if dry_run:
         from tabulate import tabulate
 
@@ -79,19 +108,55 @@ def run(grid, results, dry_run, retry_failed, progress):
         for c in g.cells:
             keys = cell_keys(c)
             state = {n: (store.result(k) or {}).get("status", "pending") for n, k in keys.items()}
-            rows.append([cell_id(c), label(c), ", ".join(f"{n}:{s}" for n, s in state.items())])
+            rows.append([cell_id(c), describe(c, g.axes), ", ".join(f"{n}:{s}" for n, s in state.items())])
         click.echo(tabulate(rows, headers=["cell_id", "cell", "measurements"]))
         click.echo(f"{len(g.cells)} cells; results in {store.root}")
         return
-    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress)
-    df = store.write_tables(default_columns())
-    _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
+    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s)
+    store.write_tables(default_columns())
+    _print_table(store.table(_grid_cells(store, g)), None, "markdown")
     click.echo(f"\n{summary.measured} measured, {summary.reused} reused, {len(summary.failed)} failed, "
                f"{len(summary.busy)} held by another process; table: {store.root / 'table.csv'}")
     for cell, name, err in summary.failed:
         click.echo(f"failed: {cell}: {name}: {err}", err=True)
-    if summary.failed:
+    for cell, name in summary.busy:
+        click.echo(f"not done: {cell}: {name}: still held by another process after {wait_s:g} s; "
+                   "run again to finish it", err=True)
+    if summary.failed or summary.busy:
         sys.exit(1)
+
+
+def _open_store(root, set_aside: bool = True):
+    """The results folder, refused in one line if it is a file or links out of itself."""
+    from .store import Store, StoreError
+
+    store = Store(root, set_aside=set_aside)
+    try:
+        store.check()
+    except StoreError as e:
+        _fail(e.strerror)
+    return store
+
+
+def _grid_cells(store, g) -> list[dict]:
+    """The records of the grid's cells that are in the folder, with the measurements this
+    grid asks for (another grid sharing a cell may have asked for more)."""
+    from .cell import cell_id
+    from .runner import cell_keys
+
+    stored = {c["id"] for c in store.cells()}
+    return [{"id": cid, "index": i, "config": c, "measurements": cell_keys(c)}
+            for i, c in enumerate(g.cells) if (cid := cell_id(c)) in stored]
+
+
+def _holdings(store) -> str:
+    """'4 cells of grid 'quick', 2 cells of grid 'other'' for a message."""
+    from collections import Counter
+
+    count = Counter(name for c in store.cells() for name in (c.get("grids") or ["(unnamed)"]))
+    if not count:
+        return "no cells"
+    return ", ".join(f"{n} cells of grid {name!r}" for name, n in count.most_common())
 
 
 def _print_table(df, columns, fmt, output=None):
@@ -128,7 +193,8 @@ def _print_table(df, columns, fmt, output=None):
 @click.argument("grid", required=False)
 @click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
 @click.option("--query", "-q", metavar="EXPR",
-              help="pandas query, e.g. \"block == 'adaln-zero' and patch_size == 2\".")
+              help="Rows where EXPR is true, e.g. \"block == 'adaln-zero' and patch_size == 2\": column "
+                   "names, literals, comparisons, in, and/or/not, arithmetic; nothing else.")
 @click.option("--columns", "-c", metavar="COLS",
               help="Comma-separated columns (default: a summary; 'all' for every column).")
 @click.option("--pivot", metavar="INDEX:COLUMNS:VALUES", help="e.g. model:block:gflops.")
@@ -136,7 +202,8 @@ def _print_table(df, columns, fmt, output=None):
 @click.option("--format", "-f", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
 @click.option("--output", "-o", metavar="FILE", help="Write to FILE instead of the terminal.")
 def table(grid, results, query, columns, pivot, sort, fmt, output):
-    """Show the results of GRID (default: quick) as one table, one row per cell.
+    """Show the results of GRID (default: quick) as one table, one row per cell; with
+    --results DIR and no GRID, every cell in DIR.
 
     Columns are the cell's settings (model, block, patch_size, seed, train.lr, ...), every
     metric (gflops, params, fwd_ms, step_img_per_s, final_loss, ...), status, error and
@@ -144,24 +211,32 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
     """
     import pandas as pd
 
-    from .cell import cell_id
     from .grid import find_grid
-    from .store import Store
 
-    g = _load(grid) if find_grid(grid).is_file() else None
+    if grid is None and results is not None:
+        g = None  # every cell in the folder
+    else:
+        g = _load(grid) if find_grid(grid).is_file() else None
     if results is None:
         results = _results_dir(None, g.name if g else str(grid))
-    store = Store(results)
+    store = _open_store(results, set_aside=False)
     if not (store.root / "cells").is_dir():
         _fail(f"{store.root}: no results here (run `ablate run` first, or pass --results DIR)")
-    df = store.table()
-    if g is not None and len(df):  # the grid's cells as the file now defines them
-        df = df[df["cell_id"].isin({cell_id(c) for c in g.cells})]
-    if query:
+    if g is None:
+        df = store.table()
+    else:  # the grid's cells as the file now defines them, with what it asks of them
+        cells = _grid_cells(store, g)
+        if not cells:
+            _fail(f"{store.root}: none of the {len(g.cells)} cells of grid {g.name!r} is here; "
+                  f"it holds {_holdings(store)} (`ablate table --results {store.root}` shows them all)")
+        df = store.table(cells)
+    if query is not None:
+        from .query import QueryError, filter_rows
+
         try:
-            df = df.query(query)
-        except Exception as e:  # noqa: BLE001  -- pandas raises many kinds
-            _fail(f"--query {query!r}: {one_line(e)}{_column_hint(e, df)}")
+            df = filter_rows(df, query)
+        except QueryError as e:
+            _fail(f"--query {query!r}: {e}")
     if sort:
         keys = sort.split(",")
         _check_columns(keys, df, "--sort")
@@ -198,33 +273,34 @@ def _check_columns(cols, df, option):
             _fail(f"{option}: no column {c!r}{did_you_mean(c, [str(x) for x in df.columns])}")
 
 
-def _column_hint(err, df) -> str:
-    from .registry import did_you_mean
-
-    if "is not defined" in str(err):
-        word = str(err).split("'")[1] if "'" in str(err) else ""
-        return did_you_mean(word, [str(c) for c in df.columns])
-    return ""
-
-
 @main.command()
 @click.argument("grids", nargs=-1, required=True)
 def validate(grids):
-    """Check grid files without running them: one line per file."""
+    """Check grid files without running them: one line per file; exit 2 if any is wrong."""
+    bad = False
     for grid in grids:
-        g = _load(grid)
+        try:
+            g = _load_or_raise(grid)
+        except ConfigError as e:
+            click.echo(f"error: {e}", err=True)
+            bad = True
+            continue
         click.echo(f"{grid}: ok, {len(g.cells)} cells, axes: {', '.join(g.axes) or 'none'}; "
                    f"measure: {', '.join(g.cells[0]['measure'])}")
+    if bad:
+        sys.exit(2)
 
 
 @main.command(name="ls")
 @click.argument("what", required=False,
-                type=click.Choice(["models", "sizes", "blocks", "datasets", "measurements"]))
+                type=click.Choice(["models", "sizes", "blocks", "datasets", "measurements", "grids"]))
 def ls(what):
-    """List what a grid can name: models, sizes, blocks, datasets, measurements."""
+    """List what a grid can name (models, sizes, blocks, datasets, measurements) and the
+    built-in grids that `ablate run NAME` runs."""
     from tabulate import tabulate
 
     from .data import DATASETS
+    from .grid import shipped_grids
     from .measure import MEASURES
     from .models import BLOCKS, MODELS, SIZES
 
@@ -236,10 +312,21 @@ def ls(what):
         "datasets": (["dataset", "description"], [[n, _doc(f)] for n, f in DATASETS.items()]),
         "measurements": (["measurement", "settings section", "needs", "description"],
                          [[n, n if m.settings else "", ", ".join(m.needs), m.doc] for n, m in MEASURES.items()]),
+        "grids": (["grid", "description", "file"],
+                  [[n, _grid_description(p), str(p)] for n, p in shipped_grids().items()]),
     }
-    for name in ([what] if what else ["models", "sizes", "blocks", "datasets", "measurements"]):
+    for name in ([what] if what else ["models", "sizes", "blocks", "datasets", "measurements", "grids"]):
         headers, rows = tables[name]
         click.echo(tabulate(rows, headers=headers) + "\n")
+
+
+def _grid_description(path) -> str:
+    import yaml
+
+    try:
+        return str(yaml.safe_load(path.read_text(encoding="utf-8")).get("description", ""))
+    except Exception:  # noqa: BLE001  -- a listing, not a validation: `ablate validate` says what is wrong
+        return ""
 
 
 def _doc(obj) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch.nn as nn
 from .diffusion import LOSSES, SAMPLERS, create_diffusion
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import precision_context, resolve_precision, synchronize
-from .settings import ConfigError, choice, positive
+from .settings import ConfigError, choice, one_line, positive
+from .files import replace_with
 
 # tf32 is a CUDA matmul mode that timing compares; training runs fp32 or bf16 autocast.
 PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "tf32")
@@ -158,7 +160,9 @@ def save_grid(samples: torch.Tensor, path: Path) -> None:
     x = samples[:, :3].float().cpu()
     if x.shape[-1] < 64:  # tiny images (digits at 16x16): enlarge so a person can read them
         x = torch.nn.functional.interpolate(x, scale_factor=64 // x.shape[-1], mode="nearest")
-    save_image(x, path, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)
+    # A fresh file renamed into place: a link planted at ``path`` is replaced, not written through.
+    replace_with(Path(path), lambda tmp: save_image(x, tmp, format="png", nrow=nrow, normalize=True,
+                                                    value_range=(-1, 1), pad_value=1.0))
 
 
 # ---------------------------------------------------------------------------------
@@ -214,15 +218,28 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename it over ``path``: a crash mid-write leaves the
-    previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write to a fresh temporary file and rename it over ``path``: a crash or a full disk
+    mid-write leaves the previous checkpoint intact and no temporary file behind."""
+    replace_with(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_or_set_aside(path: Path) -> dict | None:
+    """The checkpoint, or None if there is none or it cannot be read: a corrupt one (a
+    full disk, a copy cut short) is renamed ``*.corrupt``, said so, and training starts over."""
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001  -- torch raises many kinds for a damaged file
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        print(f"warning: {path}: unreadable checkpoint ({one_line(e, with_type=True)[:200]}); kept as "
+              f"{aside.name}, training starts over", file=sys.stderr, flush=True)
+        return None
 
 
 def _plain(v: Any) -> Any:
@@ -284,15 +301,15 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device)
         self.window_steps = 0
         data_rng = torch.Generator().manual_seed(seed)
-        data_state = self._restore() if self.path.exists() else None
+        ck = _load_or_set_aside(self.path)
+        data_state = self._restore(ck) if ck is not None else None
         self.batches = _Batches(dataset, settings.batch_size, data_rng, device, data_state)
         self.timed_steps = 0  # steps of the window run by this process (a resumed window began before it)
         self.first_window = True  # this process's first window carries compile and allocator warm-up
         self.last_loss = self.log[-1]["loss"] if self.log else float("nan")
 
-    def _restore(self) -> dict:
+    def _restore(self, ck: dict) -> dict:
         """Load the checkpoint into this run; returns the saved data order."""
-        ck = load_checkpoint(self.path)
         for key, want in (("seed", self.seed), ("batch_size", self.settings.batch_size)):
             if ck[key] != want:
                 raise ValueError(f"{self.path}: saved with {key}={ck[key]}, asked to resume with {key}={want}; "
