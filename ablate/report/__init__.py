@@ -157,12 +157,13 @@ def _setup(r: Results, store: Store) -> str:
              f"({', '.join(map(str, sorted(t['seed'].unique())))})"]
     parts[0] += (f"; variants by {', '.join(f'`{k}`' for k in r.keys)}" if r.keys
                  else f"; model `{t['model'].iloc[0]}`")
-    data = [d for d in r.setting("data.name") if d]
+    trained = any(c.metrics.get("log") for c in r.cells)
+    data = [d for d in r.setting("data.name") if d] if trained else []  # cost alone needs no data
     if data:
         sizes = r.setting("data.image_size")
         parts.append(f"data: {', '.join(map(str, data))}" + (f" at {'/'.join(map(str, sizes))} px" if sizes else ""))
     steps, batch = r.setting("train.steps"), r.setting("train.batch_size")
-    if steps and any(c.metrics.get("log") for c in r.cells):
+    if steps and trained:
         parts.append(f"training: {'/'.join(map(str, steps))} steps at batch {'/'.join(map(str, batch))}")
     if r.labels("fid_extractor"):
         fid = [f"extractor {'/'.join(map(str, r.labels('fid_extractor')))}",
@@ -185,7 +186,7 @@ def _cost_tables(doc: Document, r: Results) -> None:
     cost_cols = [c for c in ("gflops", "params_m") if c in t and t[c].notna().any()]
     if cost_cols:
         has_paper = t["paper_gflops"].notna().any()
-        headers = ["model", "block", "Gflops"] + (["paper Gflops", "Gflops vs paper"] if has_paper else []) \
+        headers = [_variant_header(r), "block", "Gflops"] + (["paper Gflops", "Gflops vs paper"] if has_paper else []) \
             + ["params (M)"] + (["paper params (M)"] if has_paper else [])
         rows = []
         for variant in t["variant"].unique():
@@ -218,7 +219,11 @@ def _cost_tables(doc: Document, r: Results) -> None:
         doc.para("Training throughput per cell: `train img/s` over the training run (after its first logging "
                  "window), `timed step img/s` and its MFU from the `timing` measurement (against the device's "
                  "measured matmul peak).")
-        doc.table(["model", "block", "seed"] + [titles[c] for c in speed], rows)
+        doc.table([_variant_header(r), "block", "seed"] + [titles[c] for c in speed], rows)
+
+
+def _variant_header(r: Results) -> str:
+    return "model" if r.keys in ([], ["model"]) else "variant"
 
 
 def _ok(v) -> bool:

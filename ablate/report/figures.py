@@ -66,11 +66,12 @@ def _block_legend(fig, blocks, colors, ids: _Ids, extra=()):
     fig.legend(handles=[*handles, *extra], loc="outside lower center", ncol=min(len(handles) + len(extra), per_row))
 
 
-def _log_y(ax):
+def _log(ax, which: str = "y"):
     """A log axis labelled in plain numbers (0.1, 0.2, 0.3), not powers of ten."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False))
-    ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(_PlainLog(labelOnlyBase=False))
+    axis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 class _PlainLog(LogFormatter):
@@ -158,14 +159,14 @@ def gflops_vs_fid(r: Results):
                 ax.plot(pp["gflops"], pp["fid"], color=color, lw=1.5, marker=PATCH_MARKERS.get(patch, "D"), ms=6,
                         gid=ids(b))
                 if pp["fid_std"].notna().any():
-                    ax.errorbar(pp["gflops"], pp["fid"], yerr=pp["fid_std"].fillna(0), fmt="none", ecolor=color,
+                    ax.errorbar(pp["gflops"], pp["fid"], yerr=pp["fid_std"].fillna(0), fmt="none", color=color, ecolor=color,
                                 elinewidth=1, capsize=2, gid=ids(b))
                 for _, p in pp.iterrows():
                     if p["model"] not in labelled:  # one name per model; the blocks sit close together
                         labelled.add(p["model"])
                         ax.annotate(p["model"], (p["gflops"], p["fid"]), xytext=(5, 4), textcoords="offset points",
                                     fontsize=8, color="0.3")
-        ax.set_xscale("log")
+        _log(ax, "x")
         ax.set_xlabel("Gflops per image (one forward pass, log scale)")
         ax.set_ylabel(fid_label(r))
         if other:
@@ -221,10 +222,13 @@ def cost(r: Results):
                     shown_paper = True
         values = t[metric].dropna() * scale
         if len(values) and values.min() > 0 and values.max() / values.min() > 50:
-            _log_y(ax)
+            _log(ax)
         ax.grid(axis="x", visible=False)
         ax.set_ylabel(label)
-        ax.set_xticks(x, variants, rotation=45 if many else 0, ha="right" if many else "center")
+        if many:
+            ax.set_xticks(x, variants, rotation=40, ha="right", rotation_mode="anchor")
+        else:
+            ax.set_xticks(x, variants)
     extra = [Line2D([], [], lw=0, **{k: v for k, v in PAPER_MARK.items() if k in ("marker", "color")},
                     markersize=7, label="paper (Table 4)")] if shown_paper else []
     if (t.groupby(["variant", "block"])["seed"].nunique() > 1).any():
@@ -249,7 +253,7 @@ def loss_curves(r: Results):
         for b in block_order(vd["block"]):
             for seed, cd in vd[vd["block"] == b].groupby("seed"):
                 ax.plot(cd["step"], cd["loss"], color=r.colors[b], ls=style[seed], lw=1.6, gid=ids(b))
-        _log_y(ax)
+        _log(ax)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"training loss ({_loss_kind(r)}, log scale)")
         if len(variants) > 1:
