@@ -233,15 +233,11 @@ def report(grid, results, out, progress):
     with the reason. A GRID that is not a file but has a results folder reports every cell
     there.
     """
+    from .cell import cell_id
     from .grid import EXPERIMENTS, find_grid
     from .registry import did_you_mean
     from .report import ReportError, write_report
     from .store import Store
-
-    try:
-        from .cell import cell_id
-    except ImportError:  # before the structure refactor (issue 8): the same hash under its old name
-        from .run import run_id as cell_id
 
     path = find_grid(grid)
     looks_like_path = grid is not None and (Path(grid).suffix in (".yaml", ".yml") or "/" in grid)
@@ -253,7 +249,8 @@ def report(grid, results, out, progress):
         _fail(f"{grid}: unknown grid: no such file, no experiments/{grid}.yaml and no results/{grid}/"
               f"{did_you_mean(grid, shipped)}; shipped grids: {', '.join(shipped)}")
     if not (store.root / "cells").is_dir():
-        _fail(f"{store.root}: no results here (run `ablate run{' ' + grid if grid else ''}` first, or pass --results DIR)")
+        how = f"ablate run {grid}" if grid else "ablate run"
+        _fail(f"{store.root}: no results here (run `{how}` first, or pass --results DIR)")
     try:
         md = write_report(store, Path(out) if out else Path("reports") / name, name=name,
                           description=g.description if g else "",

@@ -173,7 +173,8 @@ def _setup(r: Results, store: Store) -> str:
             if r.labels(key):
                 fid.append(f"{what} {'/'.join(map(str, r.labels(key)))}")
         parts.append("FID: " + ", ".join(fid))
-    env = {k: sorted({str(c.env[k]) for c in r.cells if c.env.get(k)}) for k in ("device_name", "torch_version", "git_rev")}
+    env = {k: sorted({str(c.env[k]) for c in r.cells if c.env.get(k)})
+           for k in ("device_name", "torch_version", "git_rev")}
     if env["device_name"]:
         parts.append(f"measured on {' / '.join(env['device_name'])}"
                      + (f" with torch {'/'.join(env['torch_version'])}" if env["torch_version"] else "")

@@ -159,8 +159,8 @@ def gflops_vs_fid(r: Results):
                 ax.plot(pp["gflops"], pp["fid"], color=color, lw=1.5, marker=PATCH_MARKERS.get(patch, "D"), ms=6,
                         gid=ids(b))
                 if pp["fid_std"].notna().any():
-                    ax.errorbar(pp["gflops"], pp["fid"], yerr=pp["fid_std"].fillna(0), fmt="none", color=color, ecolor=color,
-                                elinewidth=1, capsize=2, gid=ids(b))
+                    ax.errorbar(pp["gflops"], pp["fid"], yerr=pp["fid_std"].fillna(0), fmt="none", color=color,
+                                ecolor=color, elinewidth=1, capsize=2, gid=ids(b))
                 for _, p in pp.iterrows():
                     if p["model"] not in labelled:  # one name per model; the blocks sit close together
                         labelled.add(p["model"])
