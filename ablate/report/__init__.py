@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..store import Store, write_atomic
 from . import stats
 from .data import ReportError, Results
-from .figures import FIGURES, fid_label, sample_count, shown_samples
+from .figures import FIGURES, fid_label, fid_source, sample_count, shown_samples
 from .palette import block_order
 from .render import Document
 
@@ -106,6 +106,9 @@ def _document(r: Results, store: Store, name: str, description: str, made: dict,
     if description:
         doc.para(description)
     doc.para(_setup(r, store))
+    ranking = [s for s in stats.comparisons(t) if "ranking by mean FID" in s]
+    if ranking:
+        doc.para("**Result:** " + " ".join(ranking) + " Details in the summary (section 5).")
     problems = [f"`{c.config.get('model')} {c.block} seed={c.seed}`: {m} {s}"
                 + (f" ({c.errors[m]})" if c.errors.get(m) else "")
                 for c in r.cells for m, s in c.status.items() if s != "ok"]
@@ -134,7 +137,7 @@ def _document(r: Results, store: Store, name: str, description: str, made: dict,
     headers, rows = stats.summary_rows(stats.summary(t))
     doc.table(headers, rows)
     doc.para("Mean ± sample standard deviation (ddof=1) over seeds; one value where there is one seed or no "
-             f"spread. FID and KID: {fid_label(r)}, lower is better; precision and recall: higher is better.")
+             f"spread. FID and KID ({fid_source(r)}): lower is better; precision and recall: higher is better.")
     sentences = stats.comparisons(t)
     if sentences:
         doc.para("Did the paper's ordering hold? The paper: adaLN-Zero has the best FID, then cross-attention, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 
 import matplotlib
 
@@ -87,8 +88,8 @@ def sample_count(n) -> str:
     return f"{n / 1000:g}K" if n >= 1000 else str(n)
 
 
-def fid_label(r: Results) -> str:
-    """``FID (digits-cnn, 1K samples)``: which extractor and how many samples made the number."""
+def fid_source(r: Results) -> str:
+    """``digits-cnn, 1K samples``: which extractor and how many samples made the numbers."""
     parts = []
     extractors = r.labels("fid_extractor")
     if extractors:
@@ -96,7 +97,17 @@ def fid_label(r: Results) -> str:
     samples = r.labels("fid_samples")
     if samples:
         parts.append("/".join(sample_count(s) for s in samples) + " samples")
-    return f"FID ({', '.join(parts)})" if parts else "FID"
+    return ", ".join(parts) or "extractor and sample count not recorded"
+
+
+def fid_label(r: Results) -> str:
+    """``FID (digits-cnn, 1K samples)``, the axis label of every FID."""
+    return f"FID ({fid_source(r)})"
+
+
+def _axis_text(text: str, width: int = 42) -> str:
+    """An axis label on two or more lines where one would run past the axis (a long extractor label)."""
+    return textwrap.fill(text, width)
 
 
 def _seeds_note(df: pd.DataFrame) -> str:
@@ -126,7 +137,7 @@ def quality_over_steps(r: Results):
                                 alpha=0.18, linewidth=0, gid=ids(b))
             ax.plot(mean.index, mean.to_numpy(), color=color, lw=2, marker="o", ms=4, gid=ids(b))
         ax.set_xlabel("training step")
-        ax.set_ylabel(fid_label(r))
+        ax.set_ylabel(_axis_text(fid_label(r)))
         if len(variants) > 1:
             ax.set_title(variant)
     fig.suptitle(f"FID over training, lower is better\n(line: mean over {_seeds_note(df)}, band: ± 1 std)")
@@ -168,7 +179,7 @@ def gflops_vs_fid(r: Results):
                                     fontsize=8, color="0.3")
         _log(ax, "x")
         ax.set_xlabel("Gflops per image (one forward pass, log scale)")
-        ax.set_ylabel(fid_label(r))
+        ax.set_ylabel(_axis_text(fid_label(r)))
         if other:
             ax.set_title(other)
     markers = [Line2D([], [], color="0.4", lw=0, marker=PATCH_MARKERS.get(p, "D"), label=f"patch {p}")

@@ -1,7 +1,8 @@
 """One report, two renderings: Markdown that links its figure files, and one HTML page with
 everything embedded (figures as base64 PNG, styles inline), which opens offline.
 
-Text is written with Markdown's inline code only (`name`); the HTML side escapes it.
+Text is written with Markdown's inline code and bold only (`name`, **this**); the HTML side
+escapes it.
 """
 from __future__ import annotations
 
@@ -99,5 +100,6 @@ class Document:
 
 
 def _inline(text: str) -> str:
-    """Escaped text with Markdown's `code` spans as <code>."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+    """Escaped text with Markdown's `code` and **bold** spans as <code> and <strong>."""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
