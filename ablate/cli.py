@@ -47,6 +47,7 @@ def main():
     Start here:
       ablate run                  # the shipped quick grid: 4 blocks on digits, a few minutes on a CPU
       ablate table                # its results
+      ablate report               # its figures and tables, in reports/quick/
       ablate ls                   # models, blocks, datasets, measurements you can name
       ablate run experiments/dit-paper-gflops.yaml   # the paper's 48 Gflops cells
     """
@@ -257,6 +258,8 @@ def report(grid, results, out, progress):
                           cell_ids={cell_id(c) for c in g.cells} if g else None, progress=progress)
     except ReportError as e:
         _fail(str(e))
+    except OSError as e:  # an --out that cannot be written
+        _fail(f"--out {e.filename or out}: {e.strerror or e}")
     click.echo(f"report: {md} and {md.with_suffix('.html')}")
 
 

@@ -334,4 +334,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, r.output)
     assert "did you mean 'quick'" in CliRunner().invoke(main, ["report", "quik"]).output
+    write_results(grid, tmp_path / "results" / "synth", fid=False)
+    (tmp_path / "file").write_text("")
+    r = CliRunner().invoke(main, ["report", str(grid), "--out", str(tmp_path / "file" / "out"), "--no-progress"])
+    assert r.exit_code == 2 and r.output.startswith("error: --out ") and len(r.output.splitlines()) == 1, r.output
     assert not (tmp_path / "reports").exists()
