@@ -259,6 +259,16 @@ def test_user_blocks_get_the_spare_colours_and_the_paper_blocks_keep_theirs():
     assert not set(FALLBACK) & set(PALETTE.values())
 
 
+def test_a_metric_missing_for_some_seeds_says_how_many_it_has():
+    import pandas as pd
+
+    rows = [{"variant": "m", "block": "adaln", "seed": s, "fid": f, "gflops": 1.0}
+            for s, f in enumerate((10.0, 12.0, None))]
+    headers, table = stats.summary_rows(stats.summary(pd.DataFrame(rows)))
+    assert headers == ["block", "seeds", "FID", "Gflops"]
+    assert table == [["adaln", "3", "11 ± 1.4 (n=2)", "1"]]
+
+
 def test_comparison_says_when_the_ordering_did_not_hold_or_is_within_the_spread():
     import pandas as pd
 

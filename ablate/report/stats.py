@@ -86,8 +86,11 @@ def summary_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     headers = (["variant"] if several else []) + ["block", "seeds"] + [t for _, t in shown]
     rows = []
     for r in table.to_dict("records"):
-        cells = [fmt(r[f"{m}_mean"], r[f"{m}_std"], 0 if pd.isna(r[f"{m}_n"]) else int(r[f"{m}_n"]))
-                 for m, _ in shown]
+        cells = []
+        for m, _ in shown:
+            n = 0 if pd.isna(r[f"{m}_n"]) else int(r[f"{m}_n"])
+            # fewer values than seeds: a measurement failed or is pending for some of them
+            cells.append(fmt(r[f"{m}_mean"], r[f"{m}_std"], n) + (f" (n={n})" if 0 < n < r["seeds"] else ""))
         rows.append(([r["variant"]] if several else []) + [r["block"], str(r["seeds"])] + cells)
     return headers, rows
 
