@@ -338,6 +338,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
     Store(tmp_path / "elsewhere").save_cell("0123456789ab", {"block": "adaln", "seed": 0}, {})
     cases.append((["report", str(other), "--results", str(tmp_path / "elsewhere")],
                   "none of the grid's 12 cells has results here"))
+    pending = Store(tmp_path / "pending")  # the grid's cells, none measured yet
+    for i, config in enumerate(load_grid(grid).cells):
+        pending.save_cell(cell_id(config), config, {"flops": f"flops-{i}"}, i)
+    cases.append((["report", str(grid), "--results", str(pending.root)],
+                  "none of the 12 cells has a finished measurement yet"))
     for args, words in cases:
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 2, (args, r.output)

@@ -17,12 +17,13 @@ import re
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
 from ..store import Store, write_atomic
 from . import stats
 from .data import ReportError, Results
-from .figures import FIGURES, fid_label, fid_source, sample_count, shown_samples
+from .figures import FIGURES, THEME, fid_label, fid_source, sample_count, shown_samples
 from .palette import block_order
 from .render import Document
 
@@ -49,13 +50,11 @@ def write_report(store: Store, out: str | Path, *, name: str, description: str =
         wanted = f"none of the grid's {len(cell_ids)} cells has" if cell_ids is not None else "no cells have"
         raise ReportError(f"{store.root}: {wanted} results here (run `ablate run {name}` first, "
                           "or pass --results DIR)")
+    if not any(c.metrics for c in r.cells):
+        raise ReportError(f"{store.root}: none of the {len(r.cells)} cells has a finished measurement yet "
+                          f"(run `ablate run {name}`)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-
-    import matplotlib.pyplot as plt
-
-    from .figures import THEME
-
     made: dict[str, object] = {}
     with plt.rc_context(THEME):
         for fig_name, build in tqdm(FIGURES.items(), desc="report", unit="figure", disable=not progress):
