@@ -20,9 +20,9 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #eee; }
 table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
-th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: right; }
+th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: left; }
 th { background: #f5f5f5; }
-td:first-child, th:first-child { text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .92em; }
@@ -87,7 +87,7 @@ class Document:
                 body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in a[0]) + "</ul>")
             elif kind == "table":
                 head = "".join(f"<th>{_inline(h)}</th>" for h in a[0])
-                rows = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>" for row in a[1])
+                rows = "".join("<tr>" + "".join(_td(str(c)) for c in row) + "</tr>" for row in a[1])
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
             elif kind == "figure":
                 data = base64.b64encode((folder / f"{a[0]}.png").read_bytes()).decode("ascii")
@@ -97,6 +97,12 @@ class Document:
                 f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
                 f"<title>{html.escape(self.title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
                 + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def _td(text: str) -> str:
+    """A table cell; numbers (``12.3 ± 0.4``, ``+0.4%``, ``–``) align right."""
+    numeric = re.fullmatch(r"[-+–]?[0-9.]*[0-9](e[-+]?[0-9]+)?%?( ± [0-9.e-]+)?( \(n=[0-9]+\))?|–", text)
+    return f'<td class="num">{_inline(text)}</td>' if numeric else f"<td>{_inline(text)}</td>"
 
 
 def _inline(text: str) -> str:
