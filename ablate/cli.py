@@ -73,6 +73,7 @@ def main():
     Start here:
       ablate run                  # the shipped quick grid: 4 blocks on digits, a few minutes on a CPU
       ablate table                # its results
+      ablate report               # its figures and tables, in reports/quick/
       ablate ls                   # models, blocks, datasets, measurements you can name
       ablate ls grids             # the built-in grids
       ablate run dit-paper-gflops # the paper's 48 Gflops cells
@@ -289,6 +290,51 @@ def validate(grids):
                    f"measure: {', '.join(g.cells[0]['measure'])}")
     if bad:
         sys.exit(2)
+
+
+@main.command()
+@click.argument("grid", required=False)
+@click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
+@click.option("--out", metavar="DIR", help="Report folder (default: reports/<grid name>).")
+@click.option("--progress/--no-progress", default=True, help="Progress bar (default: on).")
+def report(grid, results, out, progress):
+    """Write the report of GRID (default: quick): report.md, a self-contained report.html, and
+    each figure as PNG and SVG.
+
+    \b
+    FID over training steps per block design, Gflops against FID, cost beside the paper's
+    Table 4, loss curves and samples, and a summary (mean ± std over seeds) saying whether
+    the paper's ordering of the blocks held. Figures a grid has no metrics for are left out
+    with the reason. A GRID that is not a file but has a results folder reports every cell
+    there.
+    """
+    from .cell import cell_id
+    from .grid import EXPERIMENTS, find_grid
+    from .registry import did_you_mean
+    from .report import ReportError, write_report
+    from .store import Store
+
+    path = find_grid(grid)
+    looks_like_path = grid is not None and (Path(grid).suffix in (".yaml", ".yml") or "/" in grid)
+    g = _load(grid) if path.is_file() or looks_like_path else None
+    name = g.name if g else grid
+    store = Store(_results_dir(results, name))
+    if g is None and not (store.root / "cells").is_dir():
+        shipped = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+        _fail(f"{grid}: unknown grid: no such file, no experiments/{grid}.yaml and no results/{grid}/"
+              f"{did_you_mean(grid, shipped)}; shipped grids: {', '.join(shipped)}")
+    if not (store.root / "cells").is_dir():
+        how = f"ablate run {grid}" if grid else "ablate run"
+        _fail(f"{store.root}: no results here (run `{how}` first, or pass --results DIR)")
+    try:
+        md = write_report(store, Path(out) if out else Path("reports") / name, name=name,
+                          description=g.description if g else "",
+                          cell_ids={cell_id(c) for c in g.cells} if g else None, progress=progress)
+    except ReportError as e:
+        _fail(str(e))
+    except OSError as e:  # an --out that cannot be written
+        _fail(f"--out {e.filename or out}: {e.strerror or e}")
+    click.echo(f"report: {md} and {md.with_suffix('.html')}")
 
 
 @main.command(name="ls")
