@@ -81,6 +81,12 @@ def test_non_editable_install_ships_the_grids(tmp_path):
                           "--target", str(tmp_path / "site"), str(src)], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
     assert (tmp_path / "site" / "ablate" / "experiments" / "quick.yaml").is_file()
+    # every subpackage of the source tree is installed (pyproject lists them one by one)
+    wanted = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "ablate").rglob("__init__.py")}
+    got = {p.parent.relative_to(tmp_path / "site").as_posix()
+           for p in (tmp_path / "site" / "ablate").rglob("__init__.py")}
+    assert wanted <= got, sorted(wanted - got)
+    assert (tmp_path / "site" / "ablate" / "reference" / "dit_table4_256.csv").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(tmp_path / "site")}  # the installed copy only, not this checkout
