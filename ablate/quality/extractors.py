@@ -29,11 +29,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch_fidelity import register_feature_extractor
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ..registry import Registry
+
+# torch-fidelity is imported where it is used: importing it imports torchvision (seconds),
+# and this module is imported to check a grid's ``fid:`` section.
 
 
 class ExtractorUnavailable(RuntimeError):
@@ -228,41 +228,50 @@ class DomainCNN(nn.Module):
         return h, self.head(h)
 
 
-class DomainFeatureExtractor(FeatureExtractorBase):
-    """A trained ``DomainCNN`` as torch-fidelity sees it: uint8 images in, features out."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__(name, features_list)
-        saved = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
-        self.net = DomainCNN(**saved["config"])
-        self.net.load_state_dict(saved["state_dict"])
-        self.requires_grad_(False).eval()
-
-    def forward(self, x):
-        features, logits = self.net(self.net.prepare(x))
-        out = {"features": features, "logits": logits}
-        return tuple(out[f] for f in self.features_list)
-
-    @staticmethod
-    def get_provided_features_list():
-        return "features", "logits"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "features"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        raise NotImplementedError
-
-
 DOMAIN_FIDELITY_NAME = "ablate-domain-cnn"
-if DOMAIN_FIDELITY_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-    register_feature_extractor(DOMAIN_FIDELITY_NAME, DomainFeatureExtractor)
+
+
+@functools.lru_cache(maxsize=1)
+def register_domain_extractor() -> str:
+    """Register the domain extractor with torch-fidelity (once); returns its name there."""
+    from torch_fidelity import register_feature_extractor
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class DomainFeatureExtractor(FeatureExtractorBase):
+        """A trained ``DomainCNN`` as torch-fidelity sees it: uint8 images in, features out."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            saved = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+            self.net = DomainCNN(**saved["config"])
+            self.net.load_state_dict(saved["state_dict"])
+            self.requires_grad_(False).eval()
+
+        def forward(self, x):
+            features, logits = self.net(self.net.prepare(x))
+            out = {"features": features, "logits": logits}
+            return tuple(out[f] for f in self.features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return "features", "logits"
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "features"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            raise NotImplementedError
+
+    if DOMAIN_FIDELITY_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(DOMAIN_FIDELITY_NAME, DomainFeatureExtractor)
+    return DOMAIN_FIDELITY_NAME
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -341,5 +350,5 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
         os.replace(tmp, path)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     digest = file_digest(path)
-    return Extractor("domain", DOMAIN_FIDELITY_NAME, path, f"domain-{tag}-v{RECIPE_VERSION}-{digest[:8]}", digest,
+    return Extractor("domain", register_domain_extractor(), path, f"domain-{tag}-v{RECIPE_VERSION}-{digest[:8]}", digest,
                      saved["config"]["channels"], {"accuracy": saved["accuracy"]})
