@@ -274,6 +274,61 @@ def _check_columns(cols, df, option):
             _fail(f"{option}: no column {c!r}{did_you_mean(c, [str(x) for x in df.columns])}")
 
 
+@main.command(name="fid")
+@click.argument("input1")
+@click.argument("input2")
+@click.option("--extractor", "-e", default="auto", show_default=True, metavar="NAME",
+              help="inception (standard FID), domain (a CNN trained on the dataset), or auto: domain for "
+                   "digits and mnist, else inception.")
+@click.option("--samples", "-n", type=int, metavar="N", help="Use a fixed random N images of each input.")
+@click.option("--image-size", type=int, metavar="PX",
+              help="Size of a dataset input (default: the other input's, if a folder, else the dataset's).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--format", "-f", "fmt", type=click.Choice(FORMATS[:3]), default="markdown", show_default=True)
+def fid_command(input1, input2, extractor, samples, image_size, batch_size, device, fmt):
+    """FID, KID and precision/recall between INPUT1 (e.g. generated samples) and INPUT2 (the
+    reference), each a folder of images or a dataset name (digits, mnist, ...). Offline.
+
+    \b
+      ablate fid samples/ digits                      # a folder of samples against the digits
+      ablate fid a/ b/ --extractor inception -f json  # the standard Inception FID of two folders
+    """
+    import pandas as pd
+    import torch
+
+    from .data import DatasetUnavailable
+    from .quality.extractors import ExtractorUnavailable, default_extractor, get_extractor
+    from .quality.metrics import quality
+    from .quality.sources import SourceError, open_source
+    from .registry import UnknownName
+
+    if samples is not None and samples < 2:
+        _fail(f"--samples: {samples} must be >= 2 (FID needs a covariance)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        # A dataset compared with a folder is taken at the folder's image size unless told otherwise.
+        # Different seeds: a dataset against itself compares two random subsets, not one twice.
+        first, second = (open_source(x, samples=samples, seed=i) if Path(x).is_dir() else None
+                         for i, x in enumerate((input1, input2)))
+        size = image_size or next((s.images.shape[-1] for s in (first, second) if s is not None), None)
+        first = first or open_source(input1, image_size=size, samples=samples, seed=0)
+        second = second or open_source(input2, image_size=size, samples=samples, seed=1)
+        dataset = next((x for x in (input2, input1) if not Path(x).is_dir()), None)
+        name = default_extractor(dataset) if extractor == "auto" else extractor
+        cfg = None
+        if dataset is not None:
+            cfg = {"name": dataset, **({"image_size": size} if size else {})}
+        ext = get_extractor(name, cfg, progress=True)
+        scores = quality(first, second, ext, batch_size=batch_size, device=device)
+    except (SourceError, ExtractorUnavailable, DatasetUnavailable, UnknownName, ConfigError, ValueError,
+            OSError) as e:
+        _fail(one_line(e))
+    row = {"input1": first.label, "input2": second.label, **scores, "fid_extractor": ext.label}
+    _print_table(pd.DataFrame([row]), list(row), fmt)
+
+
 @main.command()
 @click.argument("grids", nargs=-1, required=True)
 def validate(grids):

@@ -10,7 +10,8 @@ of these buys.
 
 A run is resumable exactly: ``workdir/checkpoint.pt`` holds the weights, the EMA, the
 optimizer, every RNG state and the data order, so N steps, a restart and N more steps
-give the weights of 2N uninterrupted steps.
+give the weights of 2N uninterrupted steps. ``workdir/ema_step{N:07d}.pt`` keeps the EMA
+at every earlier ``eval_every`` step (``ema_snapshots``), for quality over steps.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .files import replace_with
 # tf32 is a CUDA matmul mode that timing compares; training runs fp32 or bf16 autocast.
 PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "tf32")
 CHECKPOINT = "checkpoint.pt"
+EMA_SNAPSHOT = "ema_step{step:07d}.pt"  # the final step's EMA is the checkpoint's
 
 
 @dataclass
@@ -58,6 +60,10 @@ class TrainSettings:
     sampler: str = "ddpm"  # diffusion.SAMPLERS
     cfg_scale: float = 1.0  # 1: no classifier-free guidance
     eval_samples: int = 64  # 0: no sampling, no evaluation
+    # An EMA-only copy of the weights at every eval_every step (ema_step{N:07d}.pt), so that
+    # quality over steps (the fid measurement) can be measured later, again, with any setting,
+    # without retraining. Costs 4 bytes per parameter each: DiT-XS/4 16 MB, DiT-XL/2 2.7 GB.
+    ema_snapshots: bool = True
 
     def check(self) -> None:
         positive(self, "steps", "batch_size", "lr", "log_every", "eval_every", "checkpoint_every",
@@ -242,6 +248,23 @@ def _load_or_set_aside(path: Path) -> dict | None:
         return None
 
 
+def ema_states(workdir: Path | str) -> dict[int, Path]:
+    """Training step -> the file holding the EMA weights at that step: the EMA snapshots of
+    ``workdir`` and its checkpoint (the last step). Sorted by step."""
+    workdir = Path(workdir)
+    found = {int(p.stem.removeprefix("ema_step")): p for p in workdir.glob("ema_step*.pt")}
+    if (workdir / CHECKPOINT).is_file():
+        found[load_ema(workdir / CHECKPOINT)[0]] = workdir / CHECKPOINT
+    return dict(sorted(found.items()))
+
+
+def load_ema(path: Path) -> tuple[int, dict]:
+    """(step, EMA state dict) from a snapshot or a checkpoint; memory-mapped, so reading a
+    checkpoint does not read its optimizer state."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state["step"], state["ema"]
+
+
 def _plain(v: Any) -> Any:
     # Metrics come back as numpy or 0-dim tensor scalars; checkpoints store plain numbers.
     if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -340,8 +363,10 @@ class Trainer:
             due_eval = s.eval_samples > 0 and (
                 step == s.steps or (s.eval_every is not None and step % s.eval_every == 0))
             due_checkpoint = step % s.checkpoint_every == 0 or step == s.steps
-            if due_eval or due_checkpoint:
-                self._pause(step, due_eval, due_checkpoint)
+            due_snapshot = (s.ema_snapshots and s.eval_every is not None and step % s.eval_every == 0
+                            and step != s.steps)
+            if due_eval or due_checkpoint or due_snapshot:
+                self._pause(step, due_eval, due_checkpoint, due_snapshot)
         bar.close()
 
     def _train_step(self) -> None:
@@ -369,10 +394,13 @@ class Trainer:
         self.window_steps = self.timed_steps = 0
         self.first_window, self.t_window, self.window_paused = False, now, 0.0
 
-    def _pause(self, step: int, due_eval: bool, due_checkpoint: bool) -> None:
-        """Evaluate and/or checkpoint with the training clock stopped."""
+    def _pause(self, step: int, due_eval: bool, due_checkpoint: bool, due_snapshot: bool = False) -> None:
+        """Evaluate, snapshot the EMA and/or checkpoint with the training clock stopped."""
         synchronize(self.device)
         t0, train_wall = time.perf_counter(), self._wall()
+        if due_snapshot:
+            save_checkpoint(self.workdir / EMA_SNAPSHOT.format(step=step),
+                            {"step": step, "ema": self.ema.state_dict(), "train_wall_s": train_wall})
         if due_eval:
             self._evaluate(step, train_wall)
         if due_checkpoint:
