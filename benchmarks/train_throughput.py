@@ -13,7 +13,8 @@ with CUDA graphs; ``checkpointing``, the default with activation checkpointing.
 Inputs are synthetic 32x32x4 latents and 1000 classes (the paper's ImageNet-256 setting).
 
 The recipe is nanoGPT's bench: per row, a model, warm-up steps (the first one compiles;
-its seconds are ``first_step_s``), then ``--steps`` timed steps between two device syncs;
+its seconds are ``first_step_s``, its loss ``loss_1``: every row starts from the same
+weights and draws the same t, noise and dropped labels, so these agree to the precision), then ``--steps`` timed steps between two device syncs;
 img/s = steps x batch / seconds. MFU: 3 x 2 x the paper's multiply-adds per image over
 the device's measured dense matmul peak at the row's precision. Peak memory: CUDA
 ``max_memory_allocated`` from the row's model on (the process's peak RSS on a CPU).
@@ -104,8 +105,7 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
                            compile=compile_on, compile_mode="reduce-overhead" if name == "reduce-overhead" else "default",
                            activation_checkpointing=name == "checkpointing")
     t0 = time.perf_counter()
-    runner.step(x, y)
-    synchronize(device)
+    loss_1 = float(runner.step(x, y))  # same seed, same draws in every row: agree to the precision
     first = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
         runner.step(x, y)
@@ -117,7 +117,7 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
     seconds = time.perf_counter() - t0
     row = {"row": name, "precision": precision, "compiled": compile_on, "img_per_s": args.steps * args.batch / seconds,
            "step_ms": 1e3 * seconds / args.steps, "peak_mem_gib": peak_memory_mb(device) / 1024,
-           "first_step_s": first}
+           "first_step_s": first, "loss_1": loss_1}
     del runner, model, ema
     return row
 
@@ -161,7 +161,7 @@ def table(rows: list[dict], flop_per_img: float, peaks: dict, base: str, train: 
         r["vs_official_bf16"] = r["img_per_s"] / ref if ref else float("nan")
         r["mfu"] = flop_per_img * r["img_per_s"] / (peaks[r["precision"]] * 1e12)
     cols = ["row", "precision", "compiled", "img_per_s", "vs_official_bf16", "mfu", "peak_mem_gib",
-            "step_ms" if train else "seconds", "first_step_s" if train else "warmup_s", "error"]
+            "step_ms" if train else "seconds", "first_step_s" if train else "warmup_s"] + (["loss_1"] if train else []) + ["error"]
     out = [{c: r.get(c, "") for c in cols} for r in rows]
     return tabulate(out, headers="keys", floatfmt=".3g", tablefmt="github")
 
