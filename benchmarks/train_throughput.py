@@ -35,6 +35,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -221,8 +222,9 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         try:
             row = (sample_row if args.sample else train_row)(name, args, device, auto_precision)
-        except torch.cuda.OutOfMemoryError as e:  # a row, not a crash
-            row = {"row": name, "error": f"out of memory: {str(e).splitlines()[0]}"}
+        except Exception as e:  # out of memory, a compile error: a row, not a crash
+            traceback.print_exc()
+            row = {"row": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
         rows.append(row)
         print(f"{name}: {row.get('img_per_s', float('nan')):.1f} img/s ({time.perf_counter() - t0:.0f} s)", flush=True)
     precisions = {r["precision"] for r in rows if "precision" in r}
