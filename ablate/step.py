@@ -12,6 +12,9 @@ What each part buys and how to turn it off:
   work (autocast casts, adaLN modulation, LayerNorm, the loss terms) that dominates an
   eager step of a small DiT. Drawing the random numbers outside the graph means the
   compiled step consumes the RNG exactly as the eager one does (same t, noise, labels).
+- ``compile_scope``: ``step`` (the above) or ``blocks`` (regional compilation: each DiT
+  block alone; identical blocks reuse one graph, so compiling costs about one block, at
+  the price of the fusions across blocks and in the loss).
 - ``compile_mode``: ``default``; ``reduce-overhead`` adds CUDA graphs (fixed shapes,
   fewer launches: helps small models most); ``max-autotune-no-cudagraphs`` tunes matmuls
   (long compiles).
@@ -38,6 +41,9 @@ from .precision import precision_context, synchronize
 
 COMPILE_CHOICES = ("auto", True, False)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# step: forward + loss as one graph; blocks: each DiT block alone (regional compilation:
+# identical blocks share one compiled graph, so the compile costs about one block).
+COMPILE_SCOPES = ("step", "blocks")
 CACHE_ENV = "ABLATE_COMPILE_CACHE"  # folder of the persistent compile caches
 # Inductor generates kernels; the CPU tests swap in "aot_eager" (the same capture and
 # autograd graphs, run by eager kernels), since Inductor's C++ compile takes minutes there.
@@ -51,6 +57,7 @@ def check_compile(settings) -> None:
     if settings.compile not in COMPILE_CHOICES or not isinstance(settings.compile, (bool, str)):
         raise ConfigError("compile", f"{settings.compile!r} is not one of auto, true, false")
     choice(settings, "compile_mode", COMPILE_MODES)
+    choice(settings, "compile_scope", COMPILE_SCOPES)
 
 
 def resolve_compile(device: torch.device, compile: bool | str) -> bool:
@@ -89,6 +96,16 @@ def fresh_compiles() -> None:
     few entries per function and falls back to eager silently once a grid of cells has
     used them up. The disk cache keeps the kernels, so this costs tracing only."""
     torch._dynamo.reset()
+
+
+def compile_blocks(model: nn.Module, mode: str = "default") -> None:
+    """Regional compilation: compile each DiT block's forward in place (names and state-dict
+    keys stay). Identical blocks share the compiled graph; a block compiled already is kept.
+    Copy the model (an EMA) before this: a copy would call the original's blocks."""
+    for block in model.blocks:
+        if not getattr(block, "_ablate_compiled", False):
+            block.forward = compiled(block.forward, mode)
+            block._ablate_compiled = True
 
 
 # ---------------------------------------------------------------------------------
@@ -145,7 +162,7 @@ class TrainStep:
     def __init__(self, model: nn.Module, diffusion, *, precision: str, lr: float = 1e-4,
                  weight_decay: float = 0.0, ema: nn.Module | None = None, ema_decay: float = 0.9999,
                  grad_clip: float | None = None, compile: bool = False, compile_mode: str = "default",
-                 activation_checkpointing: bool = False):
+                 compile_scope: str = "step", activation_checkpointing: bool = False):
         self.model, self.diffusion, self.precision = model, diffusion, precision
         self.device = next(model.parameters()).device
         self.params = trainable(model)
@@ -160,7 +177,10 @@ class TrainStep:
         diffusion.preload(self.device)
         if compile:
             fresh_compiles()
-            self.loss = compiled(self.loss, compile_mode)
+            if compile_scope == "blocks":
+                compile_blocks(model, compile_mode)
+            else:
+                self.loss = compiled(self.loss, compile_mode)
 
     def loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
              drop: torch.Tensor | None) -> torch.Tensor:

@@ -51,6 +51,7 @@ class TrainSettings:
     precision: str = "auto"  # PRECISIONS; auto: bf16 autocast where bf16 is native
     compile: bool | str = "auto"  # auto: on for CUDA, off for CPUs (ablate.step)
     compile_mode: str = "default"  # or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
+    compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory
     log_every: int = 50
     eval_every: int | None = None  # None: evaluate only at the end
@@ -254,7 +255,7 @@ class Trainer:
         self.step = TrainStep(self.model, self.diffusion, precision=self.precision, lr=settings.lr,
                               weight_decay=settings.weight_decay, ema=self.ema, ema_decay=settings.ema_decay,
                               grad_clip=settings.grad_clip, compile=self.compile,
-                              compile_mode=settings.compile_mode,
+                              compile_mode=settings.compile_mode, compile_scope=settings.compile_scope,
                               activation_checkpointing=settings.activation_checkpointing)
         self.optimizer = self.step.optimizer
         self.path = workdir / CHECKPOINT

@@ -8,8 +8,8 @@ on this machine, one table per run.
 Training rows (``--rows``; all by default): ``official-tf32`` and ``official-bf16``, the
 official train.py step (``benchmarks/official.py``: TF32, "+bf16" autocast around the
 loss); ``plain``, ablate's step with compile off at ``precision: auto``; ``default``,
-ablate's default step (``compile: auto``: compiled on CUDA); ``reduce-overhead``, compiled
-with CUDA graphs; ``checkpointing``, the plain step with activation checkpointing (its
+ablate's default step (``compile: auto``: compiled on CUDA); ``blocks``, the default with
+regional compilation (``compile_scope: blocks``); ``reduce-overhead``, compiled with CUDA graphs; ``checkpointing``, the plain step with activation checkpointing (its
 peak memory beside ``plain``'s; eager, so that it costs no compile).
 Inputs are synthetic 32x32x4 latents and 1000 classes (the paper's ImageNet-256 setting).
 
@@ -51,7 +51,7 @@ from ablate.precision import resolve_precision, synchronize  # noqa: E402
 from ablate.step import TrainStep, peak_memory_mb, reset_peak_memory, resolve_compile  # noqa: E402
 from ablate.train import sample_images  # noqa: E402
 
-TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "reduce-overhead", "checkpointing")
+TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "checkpointing")
 DEFAULT_TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default")
 SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default")
 
@@ -121,9 +121,10 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
         compile_on = False
     else:
         precision = auto_precision
-        compile_on = name in ("default", "reduce-overhead") and resolve_compile(device, args.compile)
+        compile_on = name in ("default", "blocks", "reduce-overhead") and resolve_compile(device, args.compile)
         runner = TrainStep(model, create_diffusion(None, learn_sigma=True), precision=precision, ema=ema,
                            compile=compile_on, compile_mode="reduce-overhead" if name == "reduce-overhead" else "default",
+                           compile_scope="blocks" if name == "blocks" else "step",
                            activation_checkpointing=name == "checkpointing")
     t0 = time.perf_counter()
     loss_1 = float(runner.step(x, y))  # same seed, same draws in every row: agree to the precision

@@ -84,9 +84,11 @@ def test_compiled_step_matches_eager_in_fp32(aot_eager):
     assert max_diff(model, tiny()) > STEPS * LR / 2  # the steps moved the weights: the check above bites
 
 
-def test_compiled_bf16_step_matches_plain_fp32_within_bf16_tolerance(aot_eager):
+def test_regionally_compiled_bf16_step_matches_plain_fp32_within_bf16_tolerance(aot_eager):
     losses, model, _ = plain("fp32")
-    losses2, model2, _, _ = fast("bf16", compile=True)
+    losses2, model2, _, _ = fast("bf16", compile=True, compile_scope="blocks")
+    assert list(model2.state_dict()) == list(model.state_dict())  # compiled in place: same keys
+    assert all(b._ablate_compiled for b in model2.blocks)
     assert losses2 == pytest.approx(losses, rel=2e-2)
     start = tiny()
     # Adam's first steps are about lr * sign(grad): compare the directions of the updates.
@@ -121,6 +123,8 @@ def test_compile_auto_is_on_for_cuda_and_off_for_cpus():
         parse(TrainSettings, {"compile": "yes"}, "train")
     with pytest.raises(ConfigError, match="train.compile_mode: 'fast' is not one of"):
         parse(TrainSettings, {"compile_mode": "fast"}, "train")
+    with pytest.raises(ConfigError, match="train.compile_scope: 'model' is not one of step, blocks"):
+        parse(TrainSettings, {"compile_scope": "model"}, "train")
 
 
 def test_compile_cache_folder_is_the_users(tmp_path, monkeypatch):
@@ -141,3 +145,4 @@ def test_compiled_sampling_pads_to_one_shape_and_matches_eager(aot_eager):
     assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-5)
     c, lc = sample_images(model, 6, compile=True, **kw)  # a padded last batch: 6 images come back
     assert c.shape == (6, 4, 8, 8) and torch.equal(lc, torch.arange(6)) and torch.allclose(c[:4], a[:4], atol=1e-5)
+

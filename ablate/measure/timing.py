@@ -19,7 +19,7 @@ from ..diffusion import create_diffusion
 from ..settings import ConfigError, choice, positive
 from . import MODEL_KEYS, register_measure
 from ..precision import PRECISIONS, precision_context, resolve_precision, synchronize
-from ..step import (TrainStep, check_compile, compiled, fresh_compiles, resolve_compile,
+from ..step import (TrainStep, check_compile, compile_blocks, compiled, fresh_compiles, resolve_compile,
                     peak_memory_mb as _peak_mb, reset_peak_memory as _reset_peak)
 from .peak import matmul_peak_tflops
 
@@ -32,6 +32,7 @@ class TimingSettings:
     precision: str = "auto"  # auto (bf16 where native), fp32, tf32 (CUDA), bf16 (autocast)
     compile: bool | str = "auto"  # auto: on for CUDA, off for CPUs; compile time is reported apart
     compile_mode: str = "default"  # or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
+    compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
     activation_checkpointing: bool = False
     warmup: int = 3
     repeats: int = 10
@@ -85,7 +86,11 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
         model.eval()
         if s.compile:
             fresh_compiles()
-        fwd = compiled(model, s.compile_mode) if s.compile else model
+        fwd = model
+        if s.compile and s.compile_scope == "blocks":
+            compile_blocks(model, s.compile_mode)
+        elif s.compile:
+            fwd = compiled(model, s.compile_mode)
 
         @torch.no_grad()
         def forward():
@@ -104,10 +109,12 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
         # The step that training runs (ablate.step.TrainStep): forward, hybrid loss,
         # backward, fused AdamW, EMA update, compiled as training compiles it.
         model.train()
+        # Only a holder of the averaged weights (never run), so a copy of compiled blocks is harmless.
         ema = copy.deepcopy(model).requires_grad_(False)
         diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
         train_step = TrainStep(model, diffusion, precision=s.precision, ema=ema, compile=s.compile,
-                               compile_mode=s.compile_mode, activation_checkpointing=s.activation_checkpointing)
+                               compile_mode=s.compile_mode, compile_scope=s.compile_scope,
+                               activation_checkpointing=s.activation_checkpointing)
 
         def step():
             train_step.step(x, y)
