@@ -106,7 +106,7 @@ table() {
 }
 run_train() {
   # leave 20 s of the section for the table
-  timeout -k 5 $((SECTION_S - 20)) $PY -m ablate.cli run "$WORK/train.yaml" --results "$WORK/train" --no-progress
+  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/train.yaml" --results "$WORK/train" --no-progress
   table "$WORK/train.yaml" "$WORK/train" "$OUT/train_digits.md" \
     model,status,loss_start,final_loss,train_img_per_s,train_compile,train_compile_s,train_peak_mem_mb,train_wall_s,train_precision,device_name,error
   cp "$(find "$WORK/train" -name 'samples_step*.png' | sort | tail -n 1)" "$OUT/train_digits_samples.png"
@@ -128,7 +128,7 @@ base: {$GRID_BASE, in_channels: 4, measure: [flops, timing],
        timing: {batch_size: $GRID_BATCH, warmup: $GRID_WARMUP, repeats: $GRID_REPEATS, compile: false}}
 EOF
 run_grid() {
-  timeout -k 5 $((SECTION_S - 20)) $PY -m ablate.cli run "$WORK/timing.yaml" --results "$WORK/timing" --no-progress
+  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/timing.yaml" --results "$WORK/timing" --no-progress
   table "$WORK/timing.yaml" "$WORK/timing" "$OUT/timing_grid.md" \
     model,block,status,gflops,fwd_img_per_s,step_img_per_s,step_mfu,step_peak_mem_mb,timing_precision,error
 }
