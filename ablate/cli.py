@@ -20,20 +20,46 @@ def _fail(message: str, code: int = 2):
 
 
 def _load(grid_arg: str | None):
+    try:
+        return _load_or_raise(grid_arg)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _load_or_raise(grid_arg: str | None):
     from .grid import find_grid, load_grid
 
     path = find_grid(grid_arg)
-    try:
-        return load_grid(path, shown=grid_arg or str(path))
-    except ConfigError as e:
-        _fail(str(e))
+    return load_grid(path, shown=grid_arg or str(path), progress=True)
 
 
 def _results_dir(results: str | None, grid_name: str) -> Path:
     return Path(results) if results else Path("results") / grid_name
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """Click's own usage errors (an unknown option, ``-f xml``) as the one ``error:`` line
+    that every other mistake gets, instead of the usage text."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else "", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path}: " if e.ctx else ""
+            _fail(where + " ".join(e.format_message().split()), e.exit_code)
+        except click.ClickException as e:
+            _fail(" ".join(e.format_message().split()), e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ablate")
 def main():
     """Measure what a Diffusion Transformer design choice costs and what it buys.
@@ -47,8 +73,10 @@ def main():
     Start here:
       ablate run                  # the shipped quick grid: 4 blocks on digits, a few minutes on a CPU
       ablate table                # its results
+      ablate report               # its figures and tables, in reports/quick/
       ablate ls                   # models, blocks, datasets, measurements you can name
-      ablate run experiments/dit-paper-gflops.yaml   # the paper's 48 Gflops cells
+      ablate ls grids             # the built-in grids
+      ablate run dit-paper-gflops # the paper's 48 Gflops cells
     """
 
 
@@ -58,6 +86,8 @@ def main():
 @click.option("--dry-run", is_flag=True, help="List the cells and what is left to measure; run nothing.")
 @click.option("--retry-failed", is_flag=True, help="Measure again what failed last time.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars (default: on).")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+              help="How long to wait for measurements another process holds before giving up on them.")
 @click.option("--jobs", "-j", type=int, default=1, show_default=True, metavar="N",
               help="Worker processes on this machine, each measuring its own cells; on GPUs, worker i "
                    "gets GPU i // --jobs-per-gpu; on a CPU, each gets cores // N threads.")
@@ -75,28 +105,27 @@ def main():
 @click.option("--timeout", "timeout_min", type=int, default=60, show_default=True, metavar="MIN",
               help="[submitit] time limit of a task; a task cut off is requeued and resumes.")
 @click.option("--slurm-array-parallelism", type=int, metavar="N", help="[submitit] tasks running at once.")
-@click.option("--wait/--no-wait", "wait_for_jobs", default=True,
-              help="[submitit] wait for the tasks and show progress (default), or submit and return.")
-def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, worker, launcher, cluster, partition,
-        gpus_per_node, cpus_per_task, mem_gb, timeout_min, slurm_array_parallelism, wait_for_jobs):
-    """Run GRID (a YAML file, or a name in experiments/; default: quick).
+@click.option("--detach", is_flag=True, help="[submitit] submit and return, without waiting for the tasks.")
+def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_gpu, worker, launcher, cluster,
+        partition, gpus_per_node, cpus_per_task, mem_gb, timeout_min, slurm_array_parallelism, detach):
+    """Run GRID (a YAML file, or the name of a built-in grid, see `ablate ls grids`; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
-    and several `ablate run` processes on one results folder share the work. Exits 1 if
-    any cell failed (its error is in the table), 2 on bad input.
+    and several `ablate run` processes on one results folder share the work (each waits up
+    to --wait seconds for what another holds). Exits 1 if any cell failed (its error is in
+    the table) or is still held by another process, 2 on bad input.
 
     \b
     More than one process:
       ablate run GRID --jobs 4                  # 4 workers here (one GPU each where there are GPUs)
       ablate run GRID --launcher submitit --partition gpu --timeout 720   # a SLURM task per cell
     """
-    from .cell import cell_id, label
+    from .cell import cell_id
     from .measure import default_columns
-    from .runner import cell_keys, run_grid
-    from .store import Store
+    from .runner import cell_keys, describe, run_grid
 
     g = _load(grid)
-    store = Store(_results_dir(results, g.name))
+    store = _open_store(_results_dir(results, g.name), set_aside=not dry_run)
     if dry_run:
         from tabulate import tabulate
 
@@ -104,16 +133,16 @@ def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, work
         for c in g.cells:
             keys = cell_keys(c)
             state = {n: (store.result(k) or {}).get("status", "pending") for n, k in keys.items()}
-            rows.append([cell_id(c), label(c), ", ".join(f"{n}:{s}" for n, s in state.items())])
+            rows.append([cell_id(c), describe(c, g.axes), ", ".join(f"{n}:{s}" for n, s in state.items())])
         click.echo(tabulate(rows, headers=["cell_id", "cell", "measurements"]))
         click.echo(f"{len(g.cells)} cells; results in {store.root}")
         return
     if worker:
-        _run_worker(g, store, worker, retry_failed)
+        _run_worker(g, store, worker, retry_failed, wait_s)
     slurm_only = {"--cluster": cluster, "--partition": partition, "--cpus-per-task": cpus_per_task,
                   "--mem-gb": mem_gb, "--slurm-array-parallelism": slurm_array_parallelism,
                   "--gpus-per-node": None if gpus_per_node == 1 else gpus_per_node,
-                  "--timeout": None if timeout_min == 60 else timeout_min, "--no-wait": None if wait_for_jobs else True}
+                  "--timeout": None if timeout_min == 60 else timeout_min, "--detach": detach or None}
     given = [opt for opt, v in slurm_only.items() if v is not None]
     if launcher is None and given:
         _fail(f"{given[0]}: only with --launcher submitit")
@@ -128,36 +157,72 @@ def run(grid, results, dry_run, retry_failed, progress, jobs, jobs_per_gpu, work
             from .slurm import main_submit
         except ImportError:
             _fail("--launcher submitit: needs submitit (pip install 'ablate[slurm]')")
-        code = main_submit(g, store.root, wait_for_jobs=wait_for_jobs, progress=progress, cluster=cluster,
+        code = main_submit(g, store.root, wait_for_jobs=not detach, progress=progress, cluster=cluster,
                            partition=partition, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
                            mem_gb=mem_gb, timeout_min=timeout_min, array_parallelism=slurm_array_parallelism,
                            retry_failed=retry_failed)
-        if wait_for_jobs and code in (0, 1):
+        if not detach and code in (0, 1):
             _show_results(g, store)
         sys.exit(code)
     if jobs != 1 or jobs_per_gpu != 1:
-        _run_jobs(g, store, jobs, jobs_per_gpu, retry_failed, progress)
+        _run_jobs(g, store, jobs, jobs_per_gpu, retry_failed, progress, wait_s)
         return
-    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress)
-    df = store.write_tables(default_columns())
-    _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
+    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s)
+    store.write_tables(default_columns())
+    _print_table(store.table(_grid_cells(store, g)), None, "markdown")
     click.echo(f"\n{summary.measured} measured, {summary.reused} reused, {len(summary.failed)} failed, "
                f"{len(summary.busy)} held by another process; table: {store.root / 'table.csv'}")
     for cell, name, err in summary.failed:
         click.echo(f"failed: {cell}: {name}: {err}", err=True)
-    if summary.failed:
+    for cell, name in summary.busy:
+        click.echo(f"not done: {cell}: {name}: still held by another process after {wait_s:g} s; "
+                   "run again to finish it", err=True)
+    if summary.failed or summary.busy:
         sys.exit(1)
+
+
+def _open_store(root, set_aside: bool = True):
+    """The results folder, refused in one line if it is a file or links out of itself."""
+    from .store import Store, StoreError
+
+    store = Store(root, set_aside=set_aside)
+    try:
+        store.check()
+    except StoreError as e:
+        _fail(e.strerror)
+    return store
+
+
+def _grid_cells(store, g) -> list[dict]:
+    """The records of the grid's cells that are in the folder, with the measurements this
+    grid asks for (another grid sharing a cell may have asked for more)."""
+    from .cell import cell_id
+    from .runner import cell_keys
+
+    stored = {c["id"] for c in store.cells()}
+    return [{"id": cid, "index": i, "config": c, "measurements": cell_keys(c)}
+            for i, c in enumerate(g.cells) if (cid := cell_id(c)) in stored]
+
+
+def _holdings(store) -> str:
+    """'4 cells of grid 'quick', 2 cells of grid 'other'' for a message."""
+    from collections import Counter
+
+    count = Counter(name for c in store.cells() for name in (c.get("grids") or ["(unnamed)"]))
+    if not count:
+        return "no cells"
+    return ", ".join(f"{n} cells of grid {name!r}" for name, n in count.most_common())
 
 
 def _show_results(g, store, head: str = ""):
     """Write the tables and print the grid's rows, what failed and what is left."""
-    from .cell import cell_id
-    from .launch import failures, pending
+    from .launch import failures, pending, stored_cells
     from .measure import default_columns
 
-    df = store.write_tables(default_columns())
-    if len(df):
-        _print_table(df[df["cell_id"].isin([cell_id(c) for c in g.cells])], None, "markdown")
+    store.write_tables(default_columns())
+    cells = stored_cells(g, store)  # as their runners stored them: a timing's key names their device
+    if cells:
+        _print_table(store.table(cells), None, "markdown")
     failed = failures(g, store)
     left = sum(len(m) for _, m in pending(g, store, here=False))
     click.echo(f"\n{head}{len(failed)} failed, {left} pending; table: {store.root / 'table.csv'}")
@@ -165,25 +230,25 @@ def _show_results(g, store, head: str = ""):
         click.echo(f"failed: {cell}: {name}: {err}", err=True)
 
 
-def _run_worker(g, store, worker: str, retry_failed: bool):
+def _run_worker(g, store, worker: str, retry_failed: bool, wait_s: float):
     """One worker of `ablate run --jobs N`: measures, tells the parent what it does, and
     leaves the table to the parent."""
     from .launch import worker_report, worker_summary
     from .runner import run_grid
 
     i, n = map(int, worker.split("/"))
-    summary = run_grid(g, store, retry_failed=retry_failed, progress=False, worker=(i, n),
+    summary = run_grid(g, store, retry_failed=retry_failed, progress=False, wait_s=wait_s, worker=(i, n),
                        report=worker_report(i))
     worker_summary(summary)
     sys.exit(1 if summary.failed else 0)
 
 
-def _run_jobs(g, store, jobs: int, jobs_per_gpu: int, retry_failed: bool, progress: bool):
+def _run_jobs(g, store, jobs: int, jobs_per_gpu: int, retry_failed: bool, progress: bool, wait_s: float):
     from .launch import run_jobs
 
     try:
         summary = run_jobs(g, store.root, jobs, jobs_per_gpu=jobs_per_gpu, retry_failed=retry_failed,
-                           progress=progress)
+                           progress=progress, wait_s=wait_s)
     except ConfigError as e:
         _fail(str(e))
     _show_results(g, store, f"{summary.measured} measured by {jobs} workers, ")
@@ -227,7 +292,8 @@ def _print_table(df, columns, fmt, output=None):
 @click.argument("grid", required=False)
 @click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
 @click.option("--query", "-q", metavar="EXPR",
-              help="pandas query, e.g. \"block == 'adaln-zero' and patch_size == 2\".")
+              help="Rows where EXPR is true, e.g. \"block == 'adaln-zero' and patch_size == 2\": column "
+                   "names, literals, comparisons, in, and/or/not, arithmetic; nothing else.")
 @click.option("--columns", "-c", metavar="COLS",
               help="Comma-separated columns (default: a summary; 'all' for every column).")
 @click.option("--pivot", metavar="INDEX:COLUMNS:VALUES", help="e.g. model:block:gflops.")
@@ -235,7 +301,8 @@ def _print_table(df, columns, fmt, output=None):
 @click.option("--format", "-f", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
 @click.option("--output", "-o", metavar="FILE", help="Write to FILE instead of the terminal.")
 def table(grid, results, query, columns, pivot, sort, fmt, output):
-    """Show the results of GRID (default: quick) as one table, one row per cell.
+    """Show the results of GRID (default: quick) as one table, one row per cell; with
+    --results DIR and no GRID, every cell in DIR.
 
     Columns are the cell's settings (model, block, patch_size, seed, train.lr, ...), every
     metric (gflops, params, fwd_ms, step_img_per_s, final_loss, ...), status, error and
@@ -243,24 +310,32 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
     """
     import pandas as pd
 
-    from .cell import cell_id
     from .grid import find_grid
-    from .store import Store
 
-    g = _load(grid) if find_grid(grid).is_file() else None
+    if grid is None and results is not None:
+        g = None  # every cell in the folder
+    else:
+        g = _load(grid) if find_grid(grid).is_file() else None
     if results is None:
         results = _results_dir(None, g.name if g else str(grid))
-    store = Store(results)
+    store = _open_store(results, set_aside=False)
     if not (store.root / "cells").is_dir():
         _fail(f"{store.root}: no results here (run `ablate run` first, or pass --results DIR)")
-    df = store.table()
-    if g is not None and len(df):  # the grid's cells as the file now defines them
-        df = df[df["cell_id"].isin({cell_id(c) for c in g.cells})]
-    if query:
+    if g is None:
+        df = store.table()
+    else:  # the grid's cells as the file now defines them, with what it asks of them
+        cells = _grid_cells(store, g)
+        if not cells:
+            _fail(f"{store.root}: none of the {len(g.cells)} cells of grid {g.name!r} is here; "
+                  f"it holds {_holdings(store)} (`ablate table --results {store.root}` shows them all)")
+        df = store.table(cells)
+    if query is not None:
+        from .query import QueryError, filter_rows
+
         try:
-            df = df.query(query)
-        except Exception as e:  # noqa: BLE001  -- pandas raises many kinds
-            _fail(f"--query {query!r}: {one_line(e)}{_column_hint(e, df)}")
+            df = filter_rows(df, query)
+        except QueryError as e:
+            _fail(f"--query {query!r}: {e}")
     if sort:
         keys = sort.split(",")
         _check_columns(keys, df, "--sort")
@@ -297,33 +372,134 @@ def _check_columns(cols, df, option):
             _fail(f"{option}: no column {c!r}{did_you_mean(c, [str(x) for x in df.columns])}")
 
 
-def _column_hint(err, df) -> str:
-    from .registry import did_you_mean
+@main.command(name="fid")
+@click.argument("input1")
+@click.argument("input2")
+@click.option("--extractor", "-e", default="auto", show_default=True, metavar="NAME",
+              help="inception (standard FID), domain (a CNN trained on the dataset), or auto: domain for "
+                   "digits and mnist, else inception.")
+@click.option("--samples", "-n", type=int, metavar="N", help="Use a fixed random N images of each input.")
+@click.option("--image-size", type=int, metavar="PX",
+              help="Size of a dataset input (default: the other input's, if a folder, else the dataset's).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--format", "-f", "fmt", type=click.Choice(FORMATS[:3]), default="markdown", show_default=True)
+def fid_command(input1, input2, extractor, samples, image_size, batch_size, device, fmt):
+    """FID, KID and precision/recall between INPUT1 (e.g. generated samples) and INPUT2 (the
+    reference), each a folder of images or a dataset name (digits, mnist, ...). Offline.
 
-    if "is not defined" in str(err):
-        word = str(err).split("'")[1] if "'" in str(err) else ""
-        return did_you_mean(word, [str(c) for c in df.columns])
-    return ""
+    \b
+      ablate fid samples/ digits                      # a folder of samples against the digits
+      ablate fid a/ b/ --extractor inception -f json  # the standard Inception FID of two folders
+    """
+    import pandas as pd
+    import torch
+
+    from .data import DatasetUnavailable
+    from .quality.extractors import ExtractorUnavailable, default_extractor, get_extractor
+    from .quality.metrics import quality
+    from .quality.sources import SourceError, open_source
+    from .registry import UnknownName
+
+    if samples is not None and samples < 2:
+        _fail(f"--samples: {samples} must be >= 2 (FID needs a covariance)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        # A dataset compared with a folder is taken at the folder's image size unless told otherwise.
+        # Different seeds: a dataset against itself compares two random subsets, not one twice.
+        first, second = (open_source(x, samples=samples, seed=i) if Path(x).is_dir() else None
+                         for i, x in enumerate((input1, input2)))
+        size = image_size or next((s.images.shape[-1] for s in (first, second) if s is not None), None)
+        first = first or open_source(input1, image_size=size, samples=samples, seed=0)
+        second = second or open_source(input2, image_size=size, samples=samples, seed=1)
+        dataset = next((x for x in (input2, input1) if not Path(x).is_dir()), None)
+        name = default_extractor(dataset) if extractor == "auto" else extractor
+        cfg = None
+        if dataset is not None:
+            cfg = {"name": dataset, **({"image_size": size} if size else {})}
+        ext = get_extractor(name, cfg, progress=True)
+        scores = quality(first, second, ext, batch_size=batch_size, device=device)
+    except (SourceError, ExtractorUnavailable, DatasetUnavailable, UnknownName, ConfigError, ValueError,
+            OSError) as e:
+        _fail(one_line(e))
+    row = {"input1": first.label, "input2": second.label, **scores, "fid_extractor": ext.label}
+    _print_table(pd.DataFrame([row]), list(row), fmt)
 
 
 @main.command()
 @click.argument("grids", nargs=-1, required=True)
 def validate(grids):
-    """Check grid files without running them: one line per file."""
+    """Check grid files without running them: one line per file; exit 2 if any is wrong."""
+    bad = False
     for grid in grids:
-        g = _load(grid)
+        try:
+            g = _load_or_raise(grid)
+        except ConfigError as e:
+            click.echo(f"error: {e}", err=True)
+            bad = True
+            continue
         click.echo(f"{grid}: ok, {len(g.cells)} cells, axes: {', '.join(g.axes) or 'none'}; "
                    f"measure: {', '.join(g.cells[0]['measure'])}")
+    if bad:
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("grid", required=False)
+@click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
+@click.option("--out", metavar="DIR", help="Report folder (default: reports/<grid name>).")
+@click.option("--progress/--no-progress", default=True, help="Progress bar (default: on).")
+def report(grid, results, out, progress):
+    """Write the report of GRID (default: quick): report.md, a self-contained report.html, and
+    each figure as PNG and SVG.
+
+    \b
+    FID over training steps per block design, Gflops against FID, cost beside the paper's
+    Table 4, loss curves and samples, and a summary (mean ± std over seeds) saying whether
+    the paper's ordering of the blocks held. Figures a grid has no metrics for are left out
+    with the reason. A GRID that is not a file but has a results folder reports every cell
+    there.
+    """
+    from .cell import cell_id
+    from .grid import EXPERIMENTS, find_grid
+    from .registry import did_you_mean
+    from .report import ReportError, write_report
+    from .store import Store
+
+    path = find_grid(grid)
+    looks_like_path = grid is not None and (Path(grid).suffix in (".yaml", ".yml") or "/" in grid)
+    g = _load(grid) if path.is_file() or looks_like_path else None
+    name = g.name if g else grid
+    store = Store(_results_dir(results, name))
+    if g is None and not (store.root / "cells").is_dir():
+        shipped = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+        _fail(f"{grid}: unknown grid: no such file, no experiments/{grid}.yaml and no results/{grid}/"
+              f"{did_you_mean(grid, shipped)}; shipped grids: {', '.join(shipped)}")
+    if not (store.root / "cells").is_dir():
+        how = f"ablate run {grid}" if grid else "ablate run"
+        _fail(f"{store.root}: no results here (run `{how}` first, or pass --results DIR)")
+    try:
+        md = write_report(store, Path(out) if out else Path("reports") / name, name=name,
+                          description=g.description if g else "",
+                          cell_ids={cell_id(c) for c in g.cells} if g else None, progress=progress)
+    except ReportError as e:
+        _fail(str(e))
+    except OSError as e:  # an --out that cannot be written
+        _fail(f"--out {e.filename or out}: {e.strerror or e}")
+    click.echo(f"report: {md} and {md.with_suffix('.html')}")
 
 
 @main.command(name="ls")
 @click.argument("what", required=False,
-                type=click.Choice(["models", "sizes", "blocks", "datasets", "measurements"]))
+                type=click.Choice(["models", "sizes", "blocks", "datasets", "measurements", "grids"]))
 def ls(what):
-    """List what a grid can name: models, sizes, blocks, datasets, measurements."""
+    """List what a grid can name (models, sizes, blocks, datasets, measurements) and the
+    built-in grids that `ablate run NAME` runs."""
     from tabulate import tabulate
 
     from .data import DATASETS
+    from .grid import shipped_grids
     from .measure import MEASURES
     from .models import BLOCKS, MODELS, SIZES
 
@@ -335,10 +511,21 @@ def ls(what):
         "datasets": (["dataset", "description"], [[n, _doc(f)] for n, f in DATASETS.items()]),
         "measurements": (["measurement", "settings section", "needs", "description"],
                          [[n, n if m.settings else "", ", ".join(m.needs), m.doc] for n, m in MEASURES.items()]),
+        "grids": (["grid", "description", "file"],
+                  [[n, _grid_description(p), str(p)] for n, p in shipped_grids().items()]),
     }
-    for name in ([what] if what else ["models", "sizes", "blocks", "datasets", "measurements"]):
+    for name in ([what] if what else ["models", "sizes", "blocks", "datasets", "measurements", "grids"]):
         headers, rows = tables[name]
         click.echo(tabulate(rows, headers=headers) + "\n")
+
+
+def _grid_description(path) -> str:
+    import yaml
+
+    try:
+        return str(yaml.safe_load(path.read_text(encoding="utf-8")).get("description", ""))
+    except Exception:  # noqa: BLE001  -- a listing, not a validation: `ablate validate` says what is wrong
+        return ""
 
 
 def _doc(obj) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import typing
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Registry, did_you_mean
-from .settings import ConfigError, one_line, type_name, type_ok
+from .settings import ConfigError, one_line, type_error, type_hints, type_ok
 
 DATASETS: Registry = Registry("dataset")
 register_dataset = DATASETS.register
@@ -183,7 +182,7 @@ def _check_options(name: str, loader, options: dict) -> None:
     params = inspect.signature(loader).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     named = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    hints = typing.get_type_hints(loader)
+    hints = type_hints(loader)
     for key, value in options.items():
         if key not in named:
             if takes_any:
@@ -191,7 +190,7 @@ def _check_options(name: str, loader, options: dict) -> None:
             raise ConfigError(key, f"unknown option of dataset {name!r}{did_you_mean(key, named)}; "
                               f"options: {', '.join(named)}")
         if key in hints and not type_ok(value, hints[key]):
-            raise ConfigError(key, f"{value!r} is not {type_name(hints[key])}")
+            raise ConfigError(key, type_error(value, hints[key]))
     missing = [k for k in named if params[k].default is inspect.Parameter.empty and k not in options]
     if missing:
         raise ConfigError(missing[0], f"dataset {name!r} needs this option (required: {', '.join(missing)})")

@@ -189,6 +189,13 @@ class GaussianDiffusion:
             tables[name] = torch.from_numpy(getattr(self, name)).to(device)
         return tables[name]
 
+    def preload(self, device: torch.device) -> None:
+        """Copy every schedule array to ``device`` now, so a compiled step finds them there
+        (and the graph holds no host-to-device copies)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, np.ndarray):
+                self._table(name, torch.device(device))
+
     def _extract(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """Gather schedule array ``name`` at timesteps t: (N,) -> (N, 1, ..., 1) float32."""
         return self._table(name, t.device)[t].float().view(-1, *([1] * (ndim - 1)))

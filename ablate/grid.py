@@ -23,19 +23,40 @@ import copy
 import importlib
 import importlib.util
 import itertools
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 from .registry import did_you_mean
 from .cell import cell_id, resolve
 from .settings import ConfigError
 
 TOP_KEYS = ("name", "description", "include", "imports", "grid", "exclude", "base")
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+LARGE_GRID = 2_000  # combinations; checking each cell takes about half a millisecond
+
+
+def shipped_grids_folder() -> Path:
+    """The built-in grids: the package ``ablate.experiments`` of an install (pyproject maps
+    it to the repository's experiments/), else experiments/ beside the source tree."""
+    # A folder of data files, not a module: a namespace package, so ask for its location.
+    spec = importlib.util.find_spec("ablate.experiments")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / "quick.yaml").is_file():
+            return Path(folder)
+    return Path(__file__).resolve().parent.parent / "experiments"  # a source tree on sys.path
+
+
+EXPERIMENTS = shipped_grids_folder()
+
+
+def shipped_grids() -> dict[str, Path]:
+    """Name -> file of every built-in grid (``ablate ls grids``)."""
+    return {p.stem: p for p in sorted(EXPERIMENTS.glob("*.yaml"))}
 
 
 @dataclass
@@ -64,24 +85,43 @@ def _read_yaml(path: Path, shown: str) -> dict:
     if not path.is_file():
         raise ConfigError("", "no such file" if not path.exists() else "not a file", file=shown)
     try:
-        data = yaml.safe_load(path.read_text())
+        # Bytes, so the YAML reader decodes UTF-8 (or UTF-16 with a BOM) whatever the locale.
+        data = yaml.safe_load(path.read_bytes())
+    except yaml.reader.ReaderError:
+        raise ConfigError("", "not a UTF-8 text file", file=shown) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError("", f"invalid YAML: {where}{problem}", file=shown) from None
-    except UnicodeDecodeError:
-        raise ConfigError("", "not a text file", file=shown) from None
+    except RecursionError:
+        raise ConfigError("", "invalid YAML: nested too deeply", file=shown) from None
     if data is None:
         raise ConfigError("", "the file is empty", file=shown)
     if not isinstance(data, dict):
         raise ConfigError("", f"expected a mapping with keys {', '.join(TOP_KEYS)}, got a {type(data).__name__}",
                           file=shown)
+    _acyclic(data, "", shown)
     for k in data:
         if k not in TOP_KEYS:
             raise ConfigError(str(k), f"unknown key{did_you_mean(k, TOP_KEYS)}; a grid file has: "
                               f"{', '.join(TOP_KEYS)}", file=shown)
     return data
+
+
+def _acyclic(value: Any, key: str, shown: str, parents: tuple = (), checked: set | None = None) -> None:
+    """An anchor used inside itself (``a: &x [*x]``) makes a value that contains itself."""
+    checked = set() if checked is None else checked
+    if not isinstance(value, (dict, list)) or id(value) in checked:
+        return  # an alias used twice is checked once
+    if any(value is p for p in parents):
+        raise ConfigError(key, "a YAML alias refers to the anchor it is inside (a value that contains itself)",
+                          file=shown)
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, v in items:
+        _acyclic(v, f"{key}.{k}" if key and isinstance(value, dict) else f"{key}[{k}]" if key else str(k),
+                 shown, parents + (value,), checked)
+    checked.add(id(value))
 
 
 def deep_merge(a: dict, b: dict) -> dict:
@@ -136,16 +176,20 @@ def _merge_grid_files(a: dict, b: dict) -> dict:
     return out
 
 
-def load_grid(path: str | Path, shown: str | None = None) -> Grid:
-    """Read, merge includes, validate and expand a grid file. Raises ConfigError."""
+def load_grid(path: str | Path, shown: str | None = None, progress: bool = False) -> Grid:
+    """Read, merge includes, validate and expand a grid file. Raises ConfigError.
+
+    With ``progress``, a grid of more than LARGE_GRID combinations says so on stderr before
+    checking them (a minute for 100,000) and shows a progress bar on a terminal."""
     path = Path(path)
     shown = shown or str(path)
     raw = _load_raw(path, shown)
     err = lambda key, msg: ConfigError(key, msg, file=shown)  # noqa: E731
 
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise err("name", f"{name!r} is not a plain folder name")
+    problem = _name_problem(name)
+    if problem:
+        raise err("name", f"{name!r} is not a plain folder name: {problem}")
     description = raw.get("description", "")
     import_plugins(raw.get("imports") or [], path.parent, shown)
     axes = raw.get("grid") or {}
@@ -172,25 +216,51 @@ def load_grid(path: str | Path, shown: str | None = None) -> Grid:
 
     cells, seen_ids = [], set()
     keys = list(axes)
-    for combo in itertools.product(*(axes[k] for k in keys)):
-        point = dict(zip(keys, combo))
-        if any(all(_matches(point[k], v) for k, v in e.items()) for e in exclude):
-            continue
-        settings = copy.deepcopy(base)
-        for k, v in point.items():
-            set_dotted(settings, k, v)
-        try:
-            config = resolve(settings)
-        except ConfigError as e:
-            raise err(_written_at(e.key, keys), e.message) from None
-        cid = cell_id(config)
-        if cid not in seen_ids:  # two spellings of one cell (DiT-S/2 vs size S + patch 2) run once
-            seen_ids.add(cid)
-            cells.append(config)
+    combos = math.prod(len(v) for v in axes.values())
+    if progress and combos > LARGE_GRID:
+        print(f"warning: {shown}: {combos:,} combinations of the grid's axes to check; this takes a while",
+              file=sys.stderr, flush=True)
+    with tqdm(total=combos, desc=f"checking {name}", unit="cell", file=sys.stderr, leave=False,
+              disable=None if progress and combos > LARGE_GRID else True) as bar:
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            bar.update(1)
+            point = dict(zip(keys, combo))
+            if any(all(_matches(point[k], v) for k, v in e.items()) for e in exclude):
+                continue
+            settings = copy.deepcopy(base)
+            for k, v in point.items():
+                set_dotted(settings, k, v)
+            try:
+                config = resolve(settings)
+            except ConfigError as e:
+                raise err(_written_at(e.key, keys), e.message) from None
+            cid = cell_id(config)
+            if cid not in seen_ids:  # two spellings of one cell (DiT-S/2 vs size S + patch 2) run once
+                seen_ids.add(cid)
+                cells.append(config)
     if not cells:
         raise err("grid", "the grid has no cells (every cell is excluded)" if exclude else "the grid has no cells")
     return Grid(name=name, path=str(path), axes=axes, exclude=exclude, base=base,
                 description=description, cells=cells)
+
+
+def _name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be the results folder results/<name>/, or None."""
+    if not isinstance(name, str):
+        return f"a name is text, not {type(name).__name__}"
+    if not name.strip():
+        return "it is empty"
+    if name != name.strip():
+        return "it begins or ends with a space"
+    if any(c in name for c in "/\\"):
+        return "it contains a path separator"
+    if name.startswith("."):
+        return "it begins with '.'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it contains a control character (a newline, a tab, NUL, ...)"
+    if len(name.encode("utf-8")) > 255:
+        return f"it is {len(name.encode('utf-8'))} bytes long; a folder name has at most 255"
+    return None
 
 
 def import_plugins(imports, folder: Path, shown: str) -> None:
@@ -217,6 +287,9 @@ def import_plugins(imports, folder: Path, shown: str) -> None:
                 importlib.import_module(item)
         except ConfigError:
             raise
+        except SystemExit as e:  # a script's sys.exit() at import time would end ablate silently
+            raise ConfigError("imports", f"{item!r} called sys.exit({e.code!r}) while being imported",
+                              file=shown) from None
         except Exception as e:  # noqa: BLE001  -- the user's module failed; say so in one line
             raise ConfigError("imports", f"{item!r} failed to import: {type(e).__name__}: {e}", file=shown) from None
 

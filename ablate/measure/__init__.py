@@ -77,4 +77,5 @@ def default_columns() -> list[str]:
 
 
 # The built-ins register themselves on import; they need the names above.
-from . import flops, timing, training  # noqa: E402, F401
+from . import flops, timing, training  # noqa: E402, F401, I001  (registration order: table column order)
+from . import fid  # noqa: E402, F401

@@ -7,11 +7,11 @@ per second, peak memory, and MFU against the device's own measured matmul peak.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -19,6 +19,8 @@ from ..diffusion import create_diffusion
 from ..settings import ConfigError, choice, positive
 from . import MODEL_KEYS, register_measure
 from ..precision import PRECISIONS, precision_context, resolve_precision, synchronize
+from ..step import (TrainStep, check_compile, compile_blocks, compiled, fresh_compiles, resolve_compile,
+                    peak_memory_mb as _peak_mb, reset_peak_memory as _reset_peak)
 from .peak import matmul_peak_tflops
 
 MODES = ("forward", "train")
@@ -28,7 +30,10 @@ MODES = ("forward", "train")
 class TimingSettings:
     batch_size: int = 32
     precision: str = "auto"  # auto (bf16 where native), fp32, tf32 (CUDA), bf16 (autocast)
-    compile: bool = False  # torch.compile the model (compile time is excluded, reported apart)
+    compile: bool | str = "auto"  # auto: on for CUDA, off for CPUs; compile time is reported apart
+    compile_mode: str = "default"  # or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
+    compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
+    activation_checkpointing: bool = False
     warmup: int = 3
     repeats: int = 10
     modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -37,33 +42,10 @@ class TimingSettings:
         positive(self, "batch_size", "repeats")
         positive(self, "warmup", allow_zero=True)
         choice(self, "precision", PRECISIONS)
+        check_compile(self)
         for m in self.modes:
             if m not in MODES:
                 raise ConfigError("modes", f"{m!r} is not one of {', '.join(MODES)}")
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _time(fn, device, warmup: int, repeats: int) -> list[float]:
@@ -89,19 +71,26 @@ def _summary(prefix: str, times: list[float], batch: int) -> dict:
 def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
                gflops: float | None = None) -> dict:
     """Time forward and training step of ``model`` (a DiT) on synthetic inputs."""
-    s = dataclasses.replace(s, precision=resolve_precision(device, s.precision))
+    s = dataclasses.replace(s, precision=resolve_precision(device, s.precision),
+                            compile=resolve_compile(device, s.compile))
     n, c, size = s.batch_size, model.in_channels, model.input_size
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(n, c, size, size, generator=g).to(device)
     y = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
     t = torch.randint(0, 1000, (n,), generator=g).to(device)  # for the forward pass
-    # batch size and compile are the cell's timing.batch_size and timing.compile columns.
-    out: dict = {"timing_precision": s.precision}
-    fwd = torch.compile(model) if s.compile else model
-    diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
+    # batch size is the cell's timing.batch_size column; compile_s is the first calls'
+    # seconds (tracing and code generation, or loading them from the disk cache).
+    out: dict = {"timing_precision": s.precision, "timing_compile": s.compile, "compile_s": 0.0}
 
     if "forward" in s.modes:
         model.eval()
+        if s.compile:
+            fresh_compiles()
+        fwd = model
+        if s.compile and s.compile_scope == "blocks":
+            compile_blocks(model, s.compile_mode)
+        elif s.compile:
+            fwd = compiled(model, s.compile_mode)
 
         @torch.no_grad()
         def forward():
@@ -110,25 +99,28 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
 
         t0 = time.perf_counter()
         forward()  # the first call compiles when compile is on
-        out["compile_s"] = time.perf_counter() - t0 if s.compile else 0.0
+        synchronize(device)
+        out["compile_s"] += time.perf_counter() - t0 if s.compile else 0.0
         _reset_peak(device)
         out.update(_summary("fwd", _time(forward, device, s.warmup, s.repeats), n))
         out["fwd_peak_mem_mb"] = _peak_mb(device)
 
     if "train" in s.modes:
-        # The step that training runs: hybrid loss, backward, fused AdamW, EMA update.
-        from ..train import make_optimizer, train_step, trainable, update_ema
-
+        # The step that training runs (ablate.step.TrainStep): forward, hybrid loss,
+        # backward, fused AdamW, EMA update, compiled as training compiles it.
         model.train()
-        params = trainable(model)
-        ema_params = [p.detach().clone() for p in params]
-        opt = make_optimizer(params)
+        # Only a holder of the averaged weights (never run), so a copy of compiled blocks is harmless.
+        ema = copy.deepcopy(model).requires_grad_(False)
+        diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
+        train_step = TrainStep(model, diffusion, precision=s.precision, ema=ema, compile=s.compile,
+                               compile_mode=s.compile_mode, compile_scope=s.compile_scope,
+                               activation_checkpointing=s.activation_checkpointing)
 
         def step():
-            train_step(fwd, diffusion, opt, params, x, y, precision=s.precision)
-            update_ema(ema_params, params, 0.9999)
+            train_step.step(x, y)
 
         step()
+        out["compile_s"] += train_step.compile_s
         _reset_peak(device)
         out.update(_summary("step", _time(step, device, s.warmup, s.repeats), n))
         out["step_peak_mem_mb"] = _peak_mb(device)

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import BLOCKS
 
@@ -168,6 +169,9 @@ class DiT(nn.Module):
         )
         final_cls = FinalLayer if block_cls.adaptive_final_layer else PlainFinalLayer
         self.final_layer = final_cls(hidden_size, patch_size, self.out_channels)
+        # Recompute each block's activations in the backward pass instead of keeping them
+        # (timm's grad_checkpointing): less memory, about one more forward of compute.
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -208,15 +212,23 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) noisy inputs, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, H, W) noisy inputs, t: (N,) timesteps, y: (N,) labels -> (N, C_out, H, W).
+
+        ``force_drop_ids`` (N,): which labels become the null class, drawn by the caller
+        instead of here (a compiled training step draws its random numbers outside the
+        graph, so that it consumes the RNG exactly as the eager step does)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t = self.t_embedder(t)  # (N, D)
-        y = self.y_embedder(y, self.training)  # (N, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         block_cls = type(self.blocks[0])
         x, cond = block_cls.condition(x, t, y)  # the block type decides what "cond" is
         for blk in self.blocks:
-            x = blk(x, cond)  # (N, T', D)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, cond, use_reentrant=False)  # (N, T', D)
+            else:
+                x = blk(x, cond)  # (N, T', D)
         x = block_cls.uncondition(x)  # (N, T, D)
         x = self.final_layer(x, cond)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)

@@ -1,4 +1,5 @@
-"""A measurement for tests: logs when it starts and finishes, can sleep, fail or give NaN."""
+"""Measurements for tests: ``probe`` logs when it starts and finishes, can sleep, wait for a
+file, fail or give NaN; ``probe_after`` needs it."""
 import os
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ class ProbeSettings:
     sleep_s: float = 0.0
     fail: bool = False
     nan: bool = False
+    wait_for: str = ""  # hold the measurement until this file exists (at most a minute)
 
 
 def _log(line: str) -> None:
@@ -26,7 +28,17 @@ def probe(cell, progress: bool = True) -> dict:
     s = cell.settings("probe")
     _log(f"start {cell.id} {os.getpid()}")
     time.sleep(s.sleep_s)
+    deadline = time.time() + 60
+    while s.wait_for and not os.path.exists(s.wait_for) and time.time() < deadline:
+        time.sleep(0.05)
     if s.fail:
         raise RuntimeError("probe failed on purpose")
     _log(f"done {cell.id} {os.getpid()}")
     return {"probe_value": float("nan") if s.nan else float(cell.config["seed"]), "probe_list": [1, 2]}
+
+
+@register_measure("probe_after", uses=MODEL_KEYS + ("seed",), needs=("probe",))
+def probe_after(cell) -> dict:
+    """Test probe that needs probe."""
+    _log(f"after {cell.id} {os.getpid()}")
+    return {"probe_after_value": cell.needed["probe"].metrics["probe_value"] + 1}

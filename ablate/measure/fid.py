@@ -1,0 +1,95 @@
+"""The ``fid`` measurement: FID, KID and precision/recall of a trained cell's EMA samples.
+
+It never trains: it reads the EMA weights that ``train`` left in its work folder (the
+checkpoint, and an EMA snapshot at every ``eval_every`` step when ``train.ema_snapshots``
+is on), samples from each with the same seeded noise (so two cells are compared on the same
+noise, and the points over steps of one cell too), and scores the samples against the
+cell's dataset with ``ablate.quality``. Its key hashes the ``fid:`` section and the train
+key, so changing only ``fid:`` re-measures without retraining, and a resumed training run
+keeps the snapshots of its earlier steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import MODEL_KEYS, register_measure
+from ..settings import ConfigError, choice, positive
+
+
+@dataclass
+class FidSettings:
+    """The ``fid:`` section of a grid."""
+
+    # auto: the domain extractor where the dataset has one (digits, mnist), else inception.
+    extractor: str = "auto"
+    samples: int = 5000  # generated images per evaluated step (FID-5K); the paper reports FID-50K
+    batch_size: int = 256  # for sampling and for features
+    sample_steps: int = 50  # respaced diffusion steps (the paper samples with 250)
+    sampler: str = "ddpm"
+    cfg_scale: float = 1.0  # 1: no classifier-free guidance, as in the paper's ablations
+    seed: int = 0  # the sampling noise; the same for every cell and step
+    over_steps: bool = True  # also every EMA snapshot of the training run, not only its last step
+
+    def check(self) -> None:
+        from ..diffusion import SAMPLERS
+        from ..quality.extractors import EXTRACTORS
+
+        if self.samples < 2:
+            raise ConfigError("samples", f"{self.samples!r} must be >= 2 (FID needs a covariance)")
+        positive(self, "batch_size", "sample_steps", "cfg_scale")
+        positive(self, "seed", allow_zero=True)
+        choice(self, "sampler", SAMPLERS)
+        choice(self, "extractor", ("auto", *EXTRACTORS.names()))
+
+
+@register_measure("fid", settings=FidSettings, uses=MODEL_KEYS + ("seed",), needs=("train",),
+                  columns=("fid", "kid_mean", "precision", "recall", "fid_extractor"))
+def fid(cell, progress: bool = True) -> dict:
+    """FID, KID, precision/recall of EMA samples (every snapshot: quality over steps)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..quality.extractors import get_extractor
+    from ..quality.metrics import quality
+    from ..quality.sources import from_dataset, from_samples
+    from ..train import ema_states, load_ema, sample_images
+
+    s = cell.settings("fid")
+    train = cell.needed["train"]
+    states = ema_states(train.workdir)
+    last = train.metrics["train_steps"]
+    states = {step: path for step, path in states.items() if step <= last}
+    if last not in states:
+        raise FileNotFoundError(f"{train.workdir}: no checkpoint of step {last}; the fid measurement reads the "
+                                "trained weights and does not retrain (run train again: --retry-failed)")
+    if not s.over_steps:
+        states = {last: states[last]}
+    extractor = get_extractor(s.extractor, cell.config["data"], progress=progress)
+    reference = from_dataset(cell.config["data"])
+    precision = train.metrics.get("train_precision", "fp32")
+    model = cell.build_model()
+    image_size = cell.dataset.image_size
+    over_steps = []
+    for step, path in tqdm(states.items(), desc="fid", unit="step", disable=not progress, leave=False):
+        model.load_state_dict(load_ema(path)[1])
+        samples, _ = sample_images(model, s.samples, image_size=image_size, steps=s.sample_steps, sampler=s.sampler,
+                                   cfg_scale=s.cfg_scale, precision=precision, seed=s.seed,
+                                   batch_size=s.batch_size, device=cell.device)
+        scores = quality(from_samples(samples), reference, extractor, batch_size=s.batch_size, device=cell.device)
+        over_steps.append({"step": step, **scores})
+        del samples
+    if cell.device.type == "cuda":
+        torch.cuda.empty_cache()
+    final = over_steps[-1]
+    return {
+        **{k: v for k, v in final.items() if k != "step"},
+        "fid_extractor": extractor.label,
+        "fid_samples": s.samples,
+        "fid_reference": reference.label,
+        "fid_sample_steps": s.sample_steps,
+        "fid_sampler": s.sampler,
+        "fid_cfg_scale": s.cfg_scale,
+        "fid_step": final["step"],
+        **({"fid_extractor_accuracy": extractor.info["accuracy"]} if "accuracy" in extractor.info else {}),
+        "fid_over_steps": over_steps,
+    }

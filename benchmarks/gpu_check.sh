@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Every GPU check of issue 11 in one script, most important first, under a hard time budget
+# (default 290 s: ABLATE_GPU_CHECK_BUDGET; a section that would start with under 15 s left is skipped). Each table lands in $OUT/ as soon as it is done:
+#   a1 train_S2.md       DiT-S/2 batch 256: official TF32, official +bf16, ablate plain, ablate default
+#   a2 train_S2_cached.md the default row again in a new process: the compile from the disk cache
+#   a3 train_XL2.md      DiT-XL/2 batch 64, the same four rows and regional compilation (blocks)
+#   b  sample_XL2.md     DiT-XL/2, 64 images, cfg 1.5, 50 steps: official loop bf16 vs ablate
+#   d  train_digits.md   `ablate run`: DiT-S/2 on digits 32x32, 300 steps, batch 256 (+ samples png)
+#   e  train_S2_extra.md DiT-S/2 batch 256: compiled with CUDA graphs; eager with activation
+#                        checkpointing (peak memory) beside plain
+#   c  timing_grid.md    `ablate run`: the four blocks at DiT-S/2 and DiT-XL/2, eager, 5 repeats
+# Compiles (about 40-50 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 1.
+# Expected on an H100: a1 ~70 s, a2 ~25 s, a3 ~90 s, b ~60 s, d ~70 s, c ~70 s, e ~60 s:
+# the default budget reaches d; ABLATE_GPU_CHECK_BUDGET=450 runs e and c too.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU
+#   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~1-2 min)
+set -u
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+TINY=${ABLATE_GPU_CHECK_TINY:-0}
+[ "${1:-}" = "--tiny" ] && TINY=1
+# A small shared CPU starts Python and torch in seconds, not the GPU box's one: --tiny
+# stretches every cap (SLOW) and the budget.
+if [ "$TINY" = 1 ]; then SLOW=3; else SLOW=1; fi
+BUDGET=${ABLATE_GPU_CHECK_BUDGET:-$((290 * SLOW))}
+OUT=${OUT:-/tmp/ablate-gpu-check}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/ablate-gpu-check.XXXX)  # results folders with checkpoints: not under $OUT
+export ABLATE_COMPILE_CACHE=${ABLATE_COMPILE_CACHE:-/tmp/ablate-compile-cache}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+PY=python3
+
+{
+  date -u
+  git rev-parse --short HEAD 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  $PY -c "import fvcore" 2>&1 | tail -1 && echo "fvcore importable"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# section NAME CAP_S CMD...: run CMD with at most CAP_S seconds, and never past the budget.
+section() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  cap=$((cap * SLOW))
+  local t=$((cap < left ? cap : left))
+  if [ "$t" -lt 15 ]; then
+    echo "$name: skipped, budget spent" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  echo "== $name (at most ${t} s)"
+  local s=$(date +%s)
+  export SECTION_S=$t
+  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $(($(date +%s) - s)) s$([ $rc = 124 ] && echo ', TIMED OUT')" | tee -a "$OUT/summary.txt"
+  tail -n 14 "$OUT/$name.log"
+}
+
+TT=benchmarks/train_throughput.py
+if [ "$TINY" = 1 ]; then
+  DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+  S=(--model DiT-T/8 --batch 4 --input-size 16 --num-classes 10 --steps 2 --warmup 1 --device "$DEV")
+  XL=(--model DiT-T/4 --batch 2 --input-size 16 --num-classes 10 --steps 2 --warmup 1 --device "$DEV")
+  SAMPLE=(--model DiT-T/8 --input-size 16 --num-classes 10 --images 4 --sample-steps 3 --device "$DEV")
+  GRID_MODELS="[DiT-T/8]"; GRID_BASE="input_size: 16, num_classes: 10, device: $DEV"; GRID_BATCH=4; GRID_WARMUP=1; GRID_REPEATS=2
+  TRAIN="model: DiT-T/8, data: {name: digits, image_size: 16}, device: $DEV"
+  TRAIN_S="{steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: 0.99, log_every: 10, eval_samples: 16, sample_steps: 5}"
+  EXTRA_ROWS=plain,checkpointing
+else
+  S=(--model DiT-S/2 --batch 256 --steps 20 --warmup 3 --device cuda)
+  XL=(--model DiT-XL/2 --batch 64 --steps 10 --warmup 3 --device cuda)
+  SAMPLE=(--model DiT-XL/2 --images 64 --sample-steps 50 --cfg 1.5 --device cuda)
+  GRID_MODELS="[DiT-S/2, DiT-XL/2]"; GRID_BASE="input_size: 32, num_classes: 1000, device: cuda"; GRID_BATCH=64; GRID_WARMUP=2; GRID_REPEATS=5
+  TRAIN="model: DiT-S/2, data: {name: digits, image_size: 32}, device: cuda"
+  TRAIN_S="{steps: 300, batch_size: 256, lr: 5.0e-4, ema_decay: 0.99, log_every: 50, eval_samples: 64, sample_steps: 50}"
+  EXTRA_ROWS=reduce-overhead,plain,checkpointing
+fi
+
+# (a) training step tables
+section train_S2 120 $PY $TT "${S[@]}" --out "$OUT/train_S2.md"
+section train_S2_cached 45 $PY $TT "${S[@]}" --rows default --out "$OUT/train_S2_cached.md"
+section train_XL2 150 $PY $TT "${XL[@]}" --rows official-tf32,official-bf16,plain,default,blocks --out "$OUT/train_XL2.md"
+
+# (b) sampling table
+section sample_XL2 90 $PY $TT "${SAMPLE[@]}" --sample --sample-rows official-bf16,plain,default --out "$OUT/sample_XL2.md"
+
+# (d) a short training run through `ablate run` (the default path, compiled on CUDA)
+cat > "$WORK/train.yaml" <<EOF
+name: gpu-check-train
+grid: {seed: [0]}
+base: {$TRAIN, measure: [train], train: $TRAIN_S}
+EOF
+# table GRID RESULTS FILE COLUMNS: the chosen columns, or every column if one is missing (a failed cell).
+table() {
+  $PY -m ablate.cli table "$1" --results "$2" -o "$3" -c "$4" || $PY -m ablate.cli table "$1" --results "$2" -o "$3" -c all
+  cat "$3"
+}
+run_train() {
+  # leave 20 s of the section for the table
+  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/train.yaml" --results "$WORK/train" --no-progress
+  table "$WORK/train.yaml" "$WORK/train" "$OUT/train_digits.md" \
+    model,status,loss_start,final_loss,train_img_per_s,train_compile,train_compile_s,train_peak_mem_mb,train_wall_s,train_precision,device_name,error
+  cp "$(find "$WORK/train" -name 'samples_step*.png' | sort | tail -n 1)" "$OUT/train_digits_samples.png"
+}
+export PY WORK OUT
+export -f table run_train
+section train_digits 110 bash -c run_train
+
+# (e) the optional levers at DiT-S/2: CUDA graphs, activation checkpointing
+section train_S2_extra 110 $PY $TT "${S[@]}" --rows "$EXTRA_ROWS" --out "$OUT/train_S2_extra.md"
+
+# (c) a timing grid of the four blocks through `ablate run` (eager: 8 compiles would not fit)
+cat > "$WORK/timing.yaml" <<EOF
+name: gpu-check-timing
+grid:
+  model: $GRID_MODELS
+  block: [adaln-zero, adaln, cross-attn, in-context]
+base: {$GRID_BASE, in_channels: 4, measure: [flops, timing],
+       timing: {batch_size: $GRID_BATCH, warmup: $GRID_WARMUP, repeats: $GRID_REPEATS, compile: false}}
+EOF
+run_grid() {
+  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/timing.yaml" --results "$WORK/timing" --no-progress
+  table "$WORK/timing.yaml" "$WORK/timing" "$OUT/timing_grid.md" \
+    model,block,status,gflops,fwd_img_per_s,step_img_per_s,step_mfu,step_peak_mem_mb,timing_precision,error
+}
+export -f run_grid
+section timing_grid 100 bash -c run_grid
+
+echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
+rm -rf "$WORK"

@@ -1,0 +1,148 @@
+"""The fast training step (ablate.step.TrainStep) against the plain eager step: same losses
+and weights (fp32 exactly enough, bf16 within its tolerance), compiled against eager,
+activation checkpointing against none, and what ``compile: auto`` resolves to.
+
+Compiled graphs run on the "aot_eager" backend here: the same capture by dynamo and the
+same joint forward/backward graph from AOTAutograd as Inductor gets, run by eager kernels,
+since Inductor's C++ code generation takes minutes on a small shared CPU. Inductor's own
+kernels are checked on a GPU by benchmarks/gpu_check.sh."""
+import copy
+
+import pytest
+import torch
+
+import ablate.step as step_mod
+from ablate.diffusion import create_diffusion
+from ablate.settings import ConfigError, parse
+from ablate.step import TrainStep, make_optimizer, resolve_compile, train_step, trainable, update_ema
+from ablate.train import TrainSettings, sample_images
+from conftest import tiny as tiny_dit
+
+STEPS, LR = 3, 1e-3
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(step_mod, "BACKEND", "aot_eager")
+
+
+def tiny(**kw):
+    # One block: dynamo traces every block, and tracing is most of a compile's seconds here.
+    return tiny_dit(hidden_size=32, depth=1, num_heads=2, **kw)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def plain(precision: str = "fp32"):
+    """The eager reference: ``train_step`` (the model draws its own dropped labels) and the EMA."""
+    model = tiny()
+    ema = copy.deepcopy(model)
+    diffusion = create_diffusion(None, learn_sigma=True)
+    params = trainable(model)
+    opt = make_optimizer(params, LR)
+    ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    x, y = batch()
+    torch.manual_seed(5)
+    losses = []
+    for _ in range(STEPS):
+        losses.append(train_step(model, diffusion, opt, params, x, y, precision=precision).item())
+        update_ema(ema_params, params, 0.9)
+    return losses, model, ema
+
+
+def fast(precision: str = "fp32", **kw):
+    model = tiny()
+    ema = copy.deepcopy(model)
+    step = TrainStep(model, create_diffusion(None, learn_sigma=True), precision=precision, lr=LR, ema=ema,
+                     ema_decay=0.9, **kw)
+    x, y = batch()
+    torch.manual_seed(5)
+    return [step.step(x, y).item() for _ in range(STEPS)], model, ema, step
+
+
+def max_diff(a, b) -> float:
+    return max((p.float() - q.float()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_eager_step_equals_the_plain_step_bit_for_bit():
+    # The labels are dropped outside the model, from the same RNG draw, in the same order.
+    losses, model, ema = plain()
+    losses2, model2, ema2, _ = fast()
+    assert losses == losses2
+    assert max_diff(model, model2) == 0 and max_diff(ema, ema2) == 0
+
+
+def test_compiled_step_matches_eager_in_fp32(aot_eager):
+    losses, model, ema = plain()
+    losses2, model2, ema2, step = fast(compile=True)
+    assert losses2 == pytest.approx(losses, rel=1e-5)
+    assert max_diff(model, model2) < 1e-5 and max_diff(ema, ema2) < 1e-5
+    assert step.compile_s > 0
+    assert max_diff(model, tiny()) > STEPS * LR / 2  # the steps moved the weights: the check above bites
+
+
+def test_regionally_compiled_bf16_step_matches_plain_fp32_within_bf16_tolerance(aot_eager):
+    losses, model, _ = plain("fp32")
+    losses2, model2, _, _ = fast("bf16", compile=True, compile_scope="blocks")
+    assert list(model2.state_dict()) == list(model.state_dict())  # compiled in place: same keys
+    assert all(b._ablate_compiled for b in model2.blocks)
+    assert losses2 == pytest.approx(losses, rel=2e-2)
+    start = tiny()
+    # Adam's first steps are about lr * sign(grad): compare the directions of the updates.
+    d1 = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), start.parameters())])
+    d2 = torch.cat([(p - q).flatten() for p, q in zip(model2.parameters(), start.parameters())])
+    assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.95
+    assert max_diff(model, model2) <= 2 * STEPS * LR
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x, y = batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny()
+        model.activation_checkpointing = checkpointing
+        diffusion = create_diffusion(None, learn_sigma=True)
+        torch.manual_seed(3)
+        t = torch.randint(0, 1000, (len(x),))
+        diffusion.training_losses(model, x, t, {"y": y})["loss"].mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainable(model)]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_compile_auto_is_on_for_cuda_and_off_for_cpus():
+    assert resolve_compile(torch.device("cuda"), "auto") is True
+    assert resolve_compile(torch.device("cpu"), "auto") is False
+    assert resolve_compile(torch.device("cpu"), True) is True
+    assert resolve_compile(torch.device("cuda"), False) is False
+    assert parse(TrainSettings, {}, "train").compile == "auto"
+    with pytest.raises(ConfigError, match="train.compile: 'yes' is not one of auto, true, false"):
+        parse(TrainSettings, {"compile": "yes"}, "train")
+    with pytest.raises(ConfigError, match="train.compile_mode: 'fast' is not one of"):
+        parse(TrainSettings, {"compile_mode": "fast"}, "train")
+    with pytest.raises(ConfigError, match="train.compile_scope: 'model' is not one of step, blocks"):
+        parse(TrainSettings, {"compile_scope": "model"}, "train")
+
+
+def test_compile_cache_folder_is_the_users(tmp_path, monkeypatch):
+    monkeypatch.setenv(step_mod.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert step_mod.compile_cache() == tmp_path / "cache"
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+
+
+def test_compiled_sampling_pads_to_one_shape_and_matches_eager(aot_eager):
+    model = tiny(live_output=True)
+    kw = dict(image_size=8, steps=4, seed=0, batch_size=4)
+    # 8 images = two full batches: padding does not change the noise, so the samples agree.
+    a, la = sample_images(model, 8, **kw)
+    b, lb = sample_images(model, 8, compile=True, **kw)
+    assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-5)
+    c, lc = sample_images(model, 6, compile=True, **kw)  # a padded last batch: 6 images come back
+    assert c.shape == (6, 4, 8, 8) and torch.equal(lc, torch.arange(6)) and torch.allclose(c[:4], a[:4], atol=1e-5)
+
