@@ -144,12 +144,48 @@ def cell_id(config: dict) -> str:
 
 
 def measurement_key(config: dict, name: str) -> str:
-    """Hash of exactly what a measurement's result depends on (see ``Measurement.uses``)."""
+    """Hash of exactly what a measurement's result depends on (see ``Measurement.uses``).
+
+    For a measurement that uses ``device`` (timing), that is the device the setting resolves
+    to here, not the setting as written: ``auto`` on a GPU node and on a CPU node are two
+    results, which machines sharing a results folder must not reuse for each other."""
     m = MEASURES.get(name)
     inputs = {k: config.get(k) for k in m.uses}
+    if "device" in inputs:
+        inputs["device"] = device_identity(config["device"], config.get("threads"))
+        if "threads" in inputs and inputs["device"]["type"] == "cpu":
+            inputs["threads"] = inputs["device"]["threads"]  # threads: null and 2 on 2 cores are one result
     inputs["_section"] = config.get(name)
     inputs["_needs"] = {dep: measurement_key(config, dep) for dep in m.needs}
     return f"{name}-{_digest(inputs)}"
+
+
+def resolve_device(device: str) -> torch.device:
+    """The ``device`` setting as this process sees it: auto is cuda where there is a GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def device_identity(device: str, threads: int | None = None) -> dict:
+    """What a device-dependent result depends on: the resolved device type and model (the
+    GPU's name; on a CPU its model and the torch threads the measurement runs with)."""
+    d = resolve_device(device)
+    if d.type == "cuda":
+        return {"type": "cuda", "name": _device_name(str(d))}
+    return {"type": d.type, "name": _device_name(d.type), "threads": threads or torch.get_num_threads()}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: str) -> str:
+    from .env import device_name
+
+    return device_name(torch.device(device))
+
+
+def device_dependent(name: str) -> bool:
+    """Whether a measurement's key names the resolved device (it ``uses`` the device setting)."""
+    return "device" in MEASURES.get(name).uses
 
 
 def label(config: dict) -> str:
@@ -186,10 +222,7 @@ class Cell:
 
     @functools.cached_property
     def device(self) -> torch.device:
-        d = self.config["device"]
-        if d == "auto":
-            d = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(d)
+        return resolve_device(self.config["device"])
 
     @functools.cached_property
     def dataset(self):

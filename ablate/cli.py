@@ -88,13 +88,37 @@ def main():
 @click.option("--progress/--no-progress", default=True, help="Progress bars (default: on).")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
               help="How long to wait for measurements another process holds before giving up on them.")
-def run(grid, results, dry_run, retry_failed, progress, wait_s):
+@click.option("--jobs", "-j", type=int, default=1, show_default=True, metavar="N",
+              help="Worker processes on this machine, each measuring its own cells; on GPUs, worker i "
+                   "gets GPU i // --jobs-per-gpu; on a CPU, each gets cores // N threads.")
+@click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K",
+              help="Workers sharing one GPU (small cells leave most of a GPU idle).")
+@click.option("--worker", hidden=True, metavar="I/N", help="Run as worker I of N of `--jobs N` (internal).")
+@click.option("--launcher", type=click.Choice(["submitit"]),
+              help="submitit: one SLURM job-array task per pending cell, on a shared results folder.")
+@click.option("--cluster", type=click.Choice(["slurm", "local"]),
+              help="[submitit] slurm (default where sbatch exists) or local (processes here, to try it out).")
+@click.option("--partition", metavar="P", help="[submitit] SLURM partition.")
+@click.option("--gpus-per-node", type=int, default=1, show_default=True, metavar="N", help="[submitit] GPUs per task.")
+@click.option("--cpus-per-task", type=int, metavar="N", help="[submitit] CPU cores per task.")
+@click.option("--mem-gb", type=float, metavar="GB", help="[submitit] memory per task.")
+@click.option("--timeout", "timeout_min", type=int, default=60, show_default=True, metavar="MIN",
+              help="[submitit] time limit of a task; a task cut off is requeued and resumes.")
+@click.option("--slurm-array-parallelism", type=int, metavar="N", help="[submitit] tasks running at once.")
+@click.option("--detach", is_flag=True, help="[submitit] submit and return, without waiting for the tasks.")
+def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_gpu, worker, launcher, cluster,
+        partition, gpus_per_node, cpus_per_task, mem_gb, timeout_min, slurm_array_parallelism, detach):
     """Run GRID (a YAML file, or the name of a built-in grid, see `ablate ls grids`; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
     and several `ablate run` processes on one results folder share the work (each waits up
     to --wait seconds for what another holds). Exits 1 if any cell failed (its error is in
     the table) or is still held by another process, 2 on bad input.
+
+    \b
+    More than one process:
+      ablate run GRID --jobs 4                  # 4 workers here (one GPU each where there are GPUs)
+      ablate run GRID --launcher submitit --partition gpu --timeout 720   # a SLURM task per cell
     """
     from .cell import cell_id
     from .measure import default_columns
@@ -112,6 +136,36 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s):
             rows.append([cell_id(c), describe(c, g.axes), ", ".join(f"{n}:{s}" for n, s in state.items())])
         click.echo(tabulate(rows, headers=["cell_id", "cell", "measurements"]))
         click.echo(f"{len(g.cells)} cells; results in {store.root}")
+        return
+    if worker:
+        _run_worker(g, store, worker, retry_failed, wait_s)
+    slurm_only = {"--cluster": cluster, "--partition": partition, "--cpus-per-task": cpus_per_task,
+                  "--mem-gb": mem_gb, "--slurm-array-parallelism": slurm_array_parallelism,
+                  "--gpus-per-node": None if gpus_per_node == 1 else gpus_per_node,
+                  "--timeout": None if timeout_min == 60 else timeout_min, "--detach": detach or None}
+    given = [opt for opt, v in slurm_only.items() if v is not None]
+    if launcher is None and given:
+        _fail(f"{given[0]}: only with --launcher submitit")
+    if launcher == "submitit":
+        if jobs != 1:
+            _fail("--jobs: runs workers on this machine; with --launcher submitit each cell is a SLURM task")
+        for opt, v in (("--gpus-per-node", gpus_per_node), ("--timeout", timeout_min), ("--cpus-per-task", cpus_per_task),
+                       ("--mem-gb", mem_gb), ("--slurm-array-parallelism", slurm_array_parallelism)):
+            if v is not None and v <= 0 and not (opt == "--gpus-per-node" and v == 0):
+                _fail(f"{opt}: {v} must be > 0")
+        try:
+            from .slurm import main_submit
+        except ImportError:
+            _fail("--launcher submitit: needs submitit (pip install 'ablate[slurm]')")
+        code = main_submit(g, store.root, wait_for_jobs=not detach, progress=progress, cluster=cluster,
+                           partition=partition, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                           mem_gb=mem_gb, timeout_min=timeout_min, array_parallelism=slurm_array_parallelism,
+                           retry_failed=retry_failed)
+        if not detach and code in (0, 1):
+            _show_results(g, store)
+        sys.exit(code)
+    if jobs != 1 or jobs_per_gpu != 1:
+        _run_jobs(g, store, jobs, jobs_per_gpu, retry_failed, progress, wait_s)
         return
     summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s)
     store.write_tables(default_columns())
@@ -158,6 +212,50 @@ def _holdings(store) -> str:
     if not count:
         return "no cells"
     return ", ".join(f"{n} cells of grid {name!r}" for name, n in count.most_common())
+
+
+def _show_results(g, store, head: str = ""):
+    """Write the tables and print the grid's rows, what failed and what is left."""
+    from .launch import failures, pending, stored_cells
+    from .measure import default_columns
+
+    store.write_tables(default_columns())
+    cells = stored_cells(g, store)  # as their runners stored them: a timing's key names their device
+    if cells:
+        _print_table(store.table(cells), None, "markdown")
+    failed = failures(g, store)
+    left = sum(len(m) for _, m in pending(g, store, here=False))
+    click.echo(f"\n{head}{len(failed)} failed, {left} pending; table: {store.root / 'table.csv'}")
+    for cell, name, err in failed:
+        click.echo(f"failed: {cell}: {name}: {err}", err=True)
+
+
+def _run_worker(g, store, worker: str, retry_failed: bool, wait_s: float):
+    """One worker of `ablate run --jobs N`: measures, tells the parent what it does, and
+    leaves the table to the parent."""
+    from .launch import worker_report, worker_summary
+    from .runner import run_grid
+
+    i, n = map(int, worker.split("/"))
+    summary = run_grid(g, store, retry_failed=retry_failed, progress=False, wait_s=wait_s, worker=(i, n),
+                       report=worker_report(i))
+    worker_summary(summary)
+    sys.exit(1 if summary.failed else 0)
+
+
+def _run_jobs(g, store, jobs: int, jobs_per_gpu: int, retry_failed: bool, progress: bool, wait_s: float):
+    from .launch import run_jobs
+
+    try:
+        summary = run_jobs(g, store.root, jobs, jobs_per_gpu=jobs_per_gpu, retry_failed=retry_failed,
+                           progress=progress, wait_s=wait_s)
+    except ConfigError as e:
+        _fail(str(e))
+    _show_results(g, store, f"{summary.measured} measured by {jobs} workers, ")
+    if summary.interrupted:
+        sys.exit(130)
+    if summary.failed or summary.pending or summary.crashed:
+        sys.exit(1)
 
 
 def _print_table(df, columns, fmt, output=None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+from typing import Callable
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -98,10 +99,15 @@ DEFAULT_WAIT_S = 300.0
 
 
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True,
-             wait_s: float = DEFAULT_WAIT_S) -> Summary:
+             wait_s: float = DEFAULT_WAIT_S, worker: tuple[int, int] = (0, 1),
+             report: Callable[[str, Step], None] | None = None) -> Summary:
     """Measure what is left of ``grid``; then wait up to ``wait_s`` seconds for what other
-    processes hold (measuring what they leave undone); what is still held is ``busy``."""
-    runner = Runner(store, retry_failed=retry_failed, progress=progress)
+    processes hold (measuring what they leave undone); what is still held is ``busy``.
+
+    ``worker=(i, n)``: this runner is worker i of n on the store (``ablate run --jobs n``);
+    it takes cells i, i+n, i+2n, ... first and then the rest, so the workers start on
+    different cells and the claims keep them apart."""
+    runner = Runner(store, retry_failed=retry_failed, progress=progress, report=report)
     cells = []
     for index, config in enumerate(grid.cells):
         cid, keys = cell_id(config), cell_keys(config)
@@ -111,6 +117,8 @@ def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: 
             runner.summary.failed.append((describe(config, grid.axes), "cell", _store_error(err)))
             continue
         cells.append((config, cid, keys))
+    i, n = worker
+    cells = cells[i::n] + [c for j, c in enumerate(cells) if j % n != i]
     held = []
     bar = tqdm(cells, desc=grid.name, unit="cell", disable=not progress, dynamic_ncols=True)
     for config, cid, keys in bar:
@@ -133,8 +141,10 @@ def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: 
 class Runner:
     """Measures steps into a store: skips what is done, claims what is not, records the rest."""
 
-    def __init__(self, store: Store, *, retry_failed: bool = False, progress: bool = True):
+    def __init__(self, store: Store, *, retry_failed: bool = False, progress: bool = True,
+                 report: Callable[[str, Step], None] | None = None):
         self.store, self.retry_failed, self.progress = store, retry_failed, progress
+        self.report = report or (lambda event, step: None)  # ("start" | "ok" | "failed", step)
         self.started = now()
         self.summary = Summary()
 
@@ -164,6 +174,7 @@ class Runner:
             found = self._prerequisites(step)
             if found is None:
                 return False
+            self.report("start", step)
             record = self._run(step, *found)
             try:
                 self.store.save_result(step.key, record)
@@ -171,6 +182,7 @@ class Runner:
                 self.summary.failed.append((step.label, step.name,
                                             f"{record.get('error') or 'measured'}; not recorded: {_store_error(err)}"))
                 return True
+            self.report(record["status"], step)
             if record["status"] == "ok":
                 self.summary.measured += 1
             else:
