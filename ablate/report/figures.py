@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
+from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
 from .data import Results  # noqa: E402
 from .palette import block_order  # noqa: E402
@@ -137,6 +137,7 @@ def quality_over_steps(r: Results):
                                 alpha=0.18, linewidth=0, gid=ids(b))
             ax.plot(mean.index, mean.to_numpy(), color=color, lw=2, marker="o", ms=4, gid=ids(b))
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(_axis_text(fid_label(r)))
         if len(variants) > 1:
             ax.set_title(variant)
@@ -266,6 +267,7 @@ def loss_curves(r: Results):
                 ax.plot(cd["step"], cd["loss"], color=r.colors[b], ls=style[seed], lw=1.6, gid=ids(b))
         _log(ax)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"training loss ({_loss_kind(r)}, log scale)")
         if len(variants) > 1:
             ax.set_title(variant)
