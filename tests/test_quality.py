@@ -267,7 +267,8 @@ def test_fid_settings_are_checked():
 
     for bad, message in (({"samples": 1}, "fid.samples: 1 must be >= 2"),
                          ({"extractor": "incepton"}, "did you mean 'inception'"),
-                         ({"sampler": "dim"}, "fid.sampler")):
+                         ({"sampler": "dim"}, "fid.sampler"),
+                         ({"compile": "yes"}, "fid.compile: 'yes' is not auto, true or false")):
         with pytest.raises(ConfigError, match=message):
             resolve({"size": "T", "patch_size": 4, "data": DIGITS16, "measure": ["fid"], "fid": bad})
     assert dataclasses.asdict(TrainSettings())["ema_snapshots"] is True
