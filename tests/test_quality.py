@@ -4,7 +4,6 @@ points) and `ablate fid`'s bad-input errors."""
 import dataclasses
 import importlib.util
 import json
-import os
 import textwrap
 from pathlib import Path
 
@@ -93,7 +92,8 @@ def test_converted_inception_gives_the_torchscript_features(cache):
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
     ext = E.get_extractor("inception")
-    converted = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(ext.weights))
+    converted = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                            feature_extractor_weights_path=str(ext.weights))
     x = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     with torch.no_grad():
         ours = converted(x)[0]
@@ -249,7 +249,8 @@ def test_ablate_fid_folder_against_dataset(tmp_path, domain):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["digits", "digits", "--extractor", "incepton"], "unknown feature extractor 'incepton' (did you mean 'inception'?)"),
+    (["digits", "digits", "--extractor", "incepton"],
+     "unknown feature extractor 'incepton' (did you mean 'inception'?)"),
     (["digitz", "digits"], "'digitz' is neither a folder nor a dataset (did you mean 'digits'?)"),
     (["digits", "digits", "--samples", "1"], "--samples: 1 must be >= 2"),
     (["EMPTY", "digits"], "no images"),
@@ -267,7 +268,8 @@ def test_fid_settings_are_checked():
 
     for bad, message in (({"samples": 1}, "fid.samples: 1 must be >= 2"),
                          ({"extractor": "incepton"}, "did you mean 'inception'"),
-                         ({"sampler": "dim"}, "fid.sampler")):
+                         ({"sampler": "dim"}, "fid.sampler"),
+                         ({"compile": "yes"}, "fid.compile: 'yes' is not auto, true or false")):
         with pytest.raises(ConfigError, match=message):
             resolve({"size": "T", "patch_size": 4, "data": DIGITS16, "measure": ["fid"], "fid": bad})
     assert dataclasses.asdict(TrainSettings())["ema_snapshots"] is True

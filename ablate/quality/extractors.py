@@ -350,5 +350,6 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
         os.replace(tmp, path)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     digest = file_digest(path)
-    return Extractor("domain", register_domain_extractor(), path, f"domain-{tag}-v{RECIPE_VERSION}-{digest[:8]}", digest,
-                     saved["config"]["channels"], {"accuracy": saved["accuracy"]})
+    label = f"domain-{tag}-v{RECIPE_VERSION}-{digest[:8]}"
+    return Extractor("domain", register_domain_extractor(), path, label, digest, saved["config"]["channels"],
+                     {"accuracy": saved["accuracy"]})

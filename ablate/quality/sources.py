@@ -45,8 +45,10 @@ class UInt8Images(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         x = self.images[i]
-        if x.shape[0] != self.channels:
-            x = x.expand(self.channels, -1, -1) if x.shape[0] == 1 else x.float().mean(0, keepdim=True).round().to(x.dtype)
+        if x.shape[0] == 1 and self.channels == 3:
+            x = x.expand(3, -1, -1)
+        elif x.shape[0] == 3 and self.channels == 1:
+            x = x.float().mean(0, keepdim=True).round().to(torch.uint8)
         return x
 
 
