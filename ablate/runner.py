@@ -92,10 +92,7 @@ def _store_error(err: OSError) -> str:
     return f"cannot write the results folder{where}: {err.strerror or err}"
 
 
-BUSY = "busy"  # _measure's answer when another process holds the measurement
-
-
-DEFAULT_WAIT_S = 300.0
+DEFAULT_WAIT_S = 300.0  # how long a runner waits for what another process holds
 
 
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True,
