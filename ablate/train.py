@@ -343,7 +343,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{self.last_loss:.4f}", img_s=f"{self.log[-1]['img_per_s']:.1f}")
             due_eval = s.eval_samples > 0 and (
                 step == s.steps or (s.eval_every is not None and step % s.eval_every == 0))
-            due_checkpoint = step % s.checkpoint_every == 0 or step == s.steps
+            # An evaluation step is a checkpoint too: a short run (fewer steps than
+            # checkpoint_every) interrupted late would otherwise start over from step 0.
+            due_checkpoint = step % s.checkpoint_every == 0 or step == s.steps or due_eval
             due_snapshot = (s.ema_snapshots and s.eval_every is not None and step % s.eval_every == 0
                             and step != s.steps)
             if due_eval or due_checkpoint or due_snapshot:

@@ -232,3 +232,16 @@ def test_auto_precision_is_bf16_only_where_native(tmp_path, small):
     out, _ = run(tmp_path, "run", dataclasses.replace(FAST, steps=1, precision="auto"), data=small)
     # Emulated bf16 (AVX2 CPUs) trains ~20x slower than fp32, so auto must not pick it there.
     assert out["train_precision"] == ("bf16" if native_bf16("cpu") else "fp32")
+
+
+def test_an_evaluation_step_is_a_checkpoint(tmp_path, small):
+    """A run shorter than checkpoint_every, killed after an evaluation, resumes from that
+    evaluation's step instead of step 0, and ends with the weights of an uninterrupted run."""
+    s = dataclasses.replace(FAST, steps=6, eval_every=3, eval_samples=2, sample_steps=2)
+    full, m_full = run(tmp_path, "full", s, data=small)
+    with pytest.raises(Crash):  # dies drawing batch 5, after the evaluation at step 3
+        run(tmp_path, "crashed", s, data=CrashingData(small, after=4))
+    assert train_mod.load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["step"] == 3
+    resumed, m_resumed = run(tmp_path, "crashed", s, data=small)
+    assert max_diff(weights(m_full), weights(m_resumed)) < 1e-6
+    assert [e["step"] for e in resumed["evals"]] == [3, 6]
