@@ -153,7 +153,7 @@ def test_interrupted_training_resumes_and_keeps_the_cost_measurements(tmp_path):
           data: {name: digits, image_size: 8}
           measure: [flops, timing, train]
           timing: {batch_size: 4, precision: fp32, warmup: 1, repeats: 2}
-          train: {steps: 400, batch_size: 16, precision: fp32, log_every: 10, checkpoint_every: 20,
+          train: {steps: 200, batch_size: 16, precision: fp32, log_every: 10, checkpoint_every: 20,
                   eval_samples: 4, sample_steps: 5}
         """))
     results, log = tmp_path / "results", tmp_path / "log"
@@ -171,18 +171,19 @@ def test_interrupted_training_resumes_and_keeps_the_cost_measurements(tmp_path):
     import torch
 
     saved_step = torch.load(ckpt, weights_only=False)["step"]
-    assert 20 <= saved_step < 400
+    assert 20 <= saved_step < 200
     cost = {p.name: p.read_text() for p in (results / "measurements").glob("*.json")}
     assert {n.split("-")[0] for n in cost} == {"flops", "timing"}  # training never finished
     again = start(grid, results, log)
-    assert again.wait(timeout=300) == 0, again.stderr.read()
+    # generous: a loaded 2-core machine once took over 300 s here; an idle one about 30 s
+    assert again.wait(timeout=900) == 0, again.stderr.read()
     assert "2 reused" in again.stdout.read()  # flops and timing
     for name, text in cost.items():
         assert (results / "measurements" / name).read_text() == text  # untouched
     train = [json.loads(p.read_text()) for p in (results / "measurements").glob("train-*.json")]
     assert len(train) == 1 and train[0]["status"] == "ok"
     m = train[0]["metrics"]
-    assert m["train_steps"] == 400
+    assert m["train_steps"] == 200
     steps_logged = [e["step"] for e in m["log"]]
-    assert steps_logged == list(range(10, 401, 10))  # one continuous log across the restart
+    assert steps_logged == list(range(10, 201, 10))  # one continuous log across the restart
     assert m["final_loss"] < m["loss_start"]
