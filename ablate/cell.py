@@ -172,7 +172,11 @@ def device_identity(device: str, threads: int | None = None) -> dict:
     GPU's name; on a CPU its model and the torch threads the measurement runs with)."""
     d = resolve_device(device)
     if d.type == "cuda":
-        return {"type": "cuda", "name": _device_name(str(d))}
+        # No GPU here (a login node, or reading a GPU grid's table on a laptop): a key that no
+        # GPU result has, so lookups fall back to the keys the cell's runner stored, and a
+        # real run fails in one line when it asks for the device.
+        name = _device_name(str(d)) if torch.cuda.is_available() else "no CUDA device"
+        return {"type": "cuda", "name": name}
     return {"type": d.type, "name": _device_name(d.type), "threads": threads or torch.get_num_threads()}
 
 

@@ -167,7 +167,12 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
     if jobs != 1 or jobs_per_gpu != 1:
         _run_jobs(g, store, jobs, jobs_per_gpu, retry_failed, progress, wait_s)
         return
-    summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s)
+    try:
+        summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s)
+    except KeyboardInterrupt:  # 130, as a shell reports SIGINT: not 1, which means a failed cell
+        click.echo(f"\ninterrupted: finished measurements are kept in {store.root}; run again to resume",
+                   err=True)
+        sys.exit(130)
     store.write_tables(default_columns())
     _print_table(store.table(_grid_cells(store, g)), None, "markdown")
     click.echo(f"\n{summary.measured} measured, {summary.reused} reused, {len(summary.failed)} failed, "
@@ -196,12 +201,23 @@ def _open_store(root, set_aside: bool = True):
 def _grid_cells(store, g) -> list[dict]:
     """The records of the grid's cells that are in the folder, with the measurements this
     grid asks for (another grid sharing a cell may have asked for more)."""
-    from .cell import cell_id
+    from .cell import cell_id, device_dependent
     from .runner import cell_keys
 
-    stored = {c["id"] for c in store.cells()}
-    return [{"id": cid, "index": i, "config": c, "measurements": cell_keys(c)}
-            for i, c in enumerate(g.cells) if (cid := cell_id(c)) in stored]
+    stored = {c["id"]: c for c in store.cells()}
+    out = []
+    for i, c in enumerate(g.cells):
+        if (cid := cell_id(c)) not in stored:
+            continue
+        keys = cell_keys(c)
+        # A device-dependent result (timing) measured on another machine (a GPU node's
+        # table read on a laptop) is shown from the key that the cell's runner stored.
+        for name, key in keys.items():
+            theirs = stored[cid].get("measurements", {}).get(name)
+            if theirs and theirs != key and device_dependent(name) and store.result(key) is None:
+                keys[name] = theirs
+        out.append({"id": cid, "index": i, "config": c, "measurements": keys})
+    return out
 
 
 def _holdings(store) -> str:
@@ -405,6 +421,12 @@ def fid_command(input1, input2, extractor, samples, image_size, batch_size, devi
         _fail(f"--samples: {samples} must be >= 2 (FID needs a covariance)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        _fail(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device: {device!r}: no CUDA device on this machine")
     try:
         # A dataset compared with a folder is taken at the folder's image size unless told otherwise.
         # Different seeds: a dataset against itself compares two random subsets, not one twice.

@@ -5,6 +5,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli
 
@@ -369,3 +370,48 @@ def test_store_files_honour_the_umask(tmp_path):
     modes = {(p.relative_to(res).parts[0], oct(p.stat().st_mode & 0o777)) for p in res.rglob("*") if p.is_file()}
     assert modes == {("cells", "0o644"), ("measurements", "0o644"), ("locks", "0o644"), ("table.csv", "0o644"),
                      ("table.md", "0o644")}
+
+
+# ----- found by the review: a GPU grid's table on a CPU machine, fid --device, Ctrl-C -----
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_gpu_grids_committed_table_reads_on_a_machine_without_a_gpu():
+    from conftest import REPO
+
+    r = run_cli("table", "gpu-block-ablation", "-c", "block,fid,step_img_per_s", "-f", "csv", cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    rows = dict(line.split(",", 1) for line in r.stdout.strip().splitlines()[1:])
+    assert set(rows) == {"adaln-zero", "adaln", "cross-attn", "in-context"}
+    for values in rows.values():  # FID and the H100's timed step, both read from the stored results
+        fid, img_s = map(float, values.split(","))
+        assert fid > 0 and img_s > 1000
+    dry = run_cli("run", "gpu-block-ablation", "--dry-run", cwd=REPO)
+    assert dry.returncode == 0, dry.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cpu:0x"])
+def test_fid_with_a_device_that_is_not_here_is_one_line(tmp_path, device):
+    r = run_cli("fid", "digits", "digits", "--device", device, "-n", "10", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --device")
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "g.yaml").write_text(
+        "name: g\nbase: {model: DiT-T/4, data: {name: digits, image_size: 8}, measure: [train],\n"
+        "       train: {steps: 100000, batch_size: 8, precision: fp32, eval_samples: 0}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "ablate.cli", "run", "g.yaml", "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((tmp_path / "results" / "g" / "work").glob("train-*")):  # training has started
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run again to resume" in err and "Traceback" not in err
