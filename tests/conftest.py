@@ -41,3 +41,24 @@ def tiny(block: str = "adaln-zero", *, seed: int = 0, input_size: int = 8, patch
             for p in model.final_layer.parameters():
                 p.normal_(0, 0.02)
     return model
+
+
+PROBE = Path(__file__).resolve().parent / "plugins" / "probe.py"
+
+
+def probe_grid(tmp_path, axes: str, probe: str = "{}", extra: str = "") -> Path:
+    """A grid of the probe plugin's measurement (tests/plugins/probe.py) over ``axes``."""
+    import textwrap
+
+    p = tmp_path / "grid.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: probe-grid
+        imports: [{PROBE}]
+        grid: {axes}
+        base:
+          model: DiT-T/4
+          data: {{name: digits, image_size: 16}}
+          measure: [probe]
+          probe: {probe}
+        """) + extra)
+    return p

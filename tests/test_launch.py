@@ -15,23 +15,8 @@ from ablate.launch import pending, plan
 from ablate.settings import ConfigError
 from ablate.cell import cell_id as _id
 from ablate.store import Store
+from conftest import probe_grid
 
-PROBE = Path(__file__).resolve().parent / "plugins" / "probe.py"
-
-
-def probe_grid(tmp_path, axes: str, probe: str = "{}", extra: str = "") -> Path:
-    p = tmp_path / "grid.yaml"
-    p.write_text(textwrap.dedent(f"""
-        name: probe-grid
-        imports: [{PROBE}]
-        grid: {axes}
-        base:
-          model: DiT-T/4
-          data: {{name: digits, image_size: 16}}
-          measure: [probe]
-          probe: {probe}
-        """) + extra)
-    return p
 
 
 def start(grid, results, log, *extra, **kw):

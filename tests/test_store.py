@@ -12,23 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from ablate.store import Store, flatten, write_json
+from conftest import PROBE, probe_grid
 
-PROBE = Path(__file__).resolve().parent / "plugins" / "probe.py"
-
-
-def grid_file(tmp_path, axes: str, probe: str = "{}") -> Path:
-    p = tmp_path / "grid.yaml"
-    p.write_text(textwrap.dedent(f"""
-        name: probe-grid
-        imports: [{PROBE}]
-        grid: {axes}
-        base:
-          model: DiT-T/4
-          data: {{name: digits, image_size: 16}}
-          measure: [probe]
-          probe: {probe}
-        """))
-    return p
 
 
 def start(grid, results, log, *extra):
@@ -68,7 +53,7 @@ def test_claim_is_exclusive_between_processes(tmp_path):
 
 
 def test_resume_after_kill_9_finishes_every_cell_exactly_once(tmp_path):
-    grid = grid_file(tmp_path, "{seed: [0, 1, 2]}", "{sleep_s: 1.5}")
+    grid = probe_grid(tmp_path, "{seed: [0, 1, 2]}", "{sleep_s: 1.5}")
     results, log = tmp_path / "results", tmp_path / "log"
     proc = start(grid, results, log)
     deadline = time.time() + 120
@@ -96,7 +81,7 @@ def test_resume_after_kill_9_finishes_every_cell_exactly_once(tmp_path):
 
 
 def test_two_concurrent_runners_neither_duplicate_nor_lose(tmp_path):
-    grid = grid_file(tmp_path, "{seed: [0, 1, 2, 3, 4, 5]}", "{sleep_s: 0.4}")
+    grid = probe_grid(tmp_path, "{seed: [0, 1, 2, 3, 4, 5]}", "{sleep_s: 0.4}")
     results, log = tmp_path / "results", tmp_path / "log"
     a, b = start(grid, results, log), start(grid, results, log)
     assert a.wait(timeout=180) == 0 and b.wait(timeout=180) == 0
