@@ -105,9 +105,14 @@ def main():
 @click.option("--timeout", "timeout_min", type=int, default=60, show_default=True, metavar="MIN",
               help="[submitit] time limit of a task; a task cut off is requeued and resumes.")
 @click.option("--slurm-array-parallelism", type=int, metavar="N", help="[submitit] tasks running at once.")
+@click.option("--ranks-per-task", type=int, metavar="N",
+              help="[submitit] processes per task, run by torchrun (DDP training; default: --gpus-per-node).")
 @click.option("--detach", is_flag=True, help="[submitit] submit and return, without waiting for the tasks.")
+@click.option("--cell", "only_cells", multiple=True, metavar="ID",
+              help="Only this cell (its cell_id, as `ablate table` or --dry-run shows it); repeatable.")
 def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_gpu, worker, launcher, cluster,
-        partition, gpus_per_node, cpus_per_task, mem_gb, timeout_min, slurm_array_parallelism, detach):
+        partition, gpus_per_node, cpus_per_task, mem_gb, timeout_min, slurm_array_parallelism, ranks_per_task, detach,
+        only_cells):
     """Run GRID (a YAML file, or the name of a built-in grid, see `ablate ls grids`; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
@@ -118,19 +123,42 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
     \b
     More than one process:
       ablate run GRID --jobs 4                  # 4 workers here (one GPU each where there are GPUs)
+      torchrun --nproc_per_node 4 -m ablate run GRID   # each training cell over 4 GPUs (DDP)
       ablate run GRID --launcher submitit --partition gpu --timeout 720   # a SLURM task per cell
+      ablate run GRID --launcher submitit --gpus-per-node 8   # ... each task torchrun over 8 GPUs
     """
     from .cell import cell_id
+    from .distributed import from_env
     from .measure import default_columns
     from .runner import cell_keys, describe, run_grid
 
     g = _load(grid)
+    if only_cells:
+        known = [cell_id(c) for c in g.cells]
+        for cid in only_cells:
+            if cid not in known:
+                from .registry import did_you_mean
+
+                _fail(f"--cell: {g.name} has no cell {cid!r}{did_you_mean(cid, known)}")
+    only = set(only_cells) or None
+    if only and (jobs != 1 or launcher or worker):
+        _fail("--cell: not with --jobs or --launcher (run it alone, or under torchrun)")
+    ranks = from_env()
+    if ranks.distributed:
+        if jobs != 1 or jobs_per_gpu != 1 or launcher or worker:
+            _fail("--jobs, --launcher: not under torchrun, which starts the processes itself")
+        if not ranks.leader:  # a follower: trains its share of what rank 0 sends (ablate.distributed)
+            if not dry_run:
+                sys.exit(_follow(g))
+            return
     store = _open_store(_results_dir(results, g.name), set_aside=not dry_run)
     if dry_run:
         from tabulate import tabulate
 
         rows = []
         for c in g.cells:
+            if only and cell_id(c) not in only:
+                continue
             keys = cell_keys(c)
             state = {n: (store.result(k) or {}).get("status", "pending") for n, k in keys.items()}
             rows.append([cell_id(c), describe(c, g.axes), ", ".join(f"{n}:{s}" for n, s in state.items())])
@@ -141,6 +169,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
         _run_worker(g, store, worker, retry_failed, wait_s)
     slurm_only = {"--cluster": cluster, "--partition": partition, "--cpus-per-task": cpus_per_task,
                   "--mem-gb": mem_gb, "--slurm-array-parallelism": slurm_array_parallelism,
+                  "--ranks-per-task": ranks_per_task,
                   "--gpus-per-node": None if gpus_per_node == 1 else gpus_per_node,
                   "--timeout": None if timeout_min == 60 else timeout_min, "--detach": detach or None}
     given = [opt for opt, v in slurm_only.items() if v is not None]
@@ -150,7 +179,8 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
         if jobs != 1:
             _fail("--jobs: runs workers on this machine; with --launcher submitit each cell is a SLURM task")
         for opt, v in (("--gpus-per-node", gpus_per_node), ("--timeout", timeout_min), ("--cpus-per-task", cpus_per_task),
-                       ("--mem-gb", mem_gb), ("--slurm-array-parallelism", slurm_array_parallelism)):
+                       ("--mem-gb", mem_gb), ("--slurm-array-parallelism", slurm_array_parallelism),
+                       ("--ranks-per-task", ranks_per_task)):
             if v is not None and v <= 0 and not (opt == "--gpus-per-node" and v == 0):
                 _fail(f"{opt}: {v} must be > 0")
         try:
@@ -160,19 +190,27 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
         code = main_submit(g, store.root, wait_for_jobs=not detach, progress=progress, cluster=cluster,
                            partition=partition, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
                            mem_gb=mem_gb, timeout_min=timeout_min, array_parallelism=slurm_array_parallelism,
-                           retry_failed=retry_failed)
+                           retry_failed=retry_failed, ranks_per_task=ranks_per_task)
         if not detach and code in (0, 1):
             _show_results(g, store)
         sys.exit(code)
     if jobs != 1 or jobs_per_gpu != 1:
         _run_jobs(g, store, jobs, jobs_per_gpu, retry_failed, progress, wait_s)
         return
+    from .runner import RunStopped
+
     try:
-        summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s)
+        with _ranks(g):
+            summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s, only=only,
+                               report=None if progress else _log_line)
     except KeyboardInterrupt:  # 130, as a shell reports SIGINT: not 1, which means a failed cell
         click.echo(f"\ninterrupted: finished measurements are kept in {store.root}; run again to resume",
                    err=True)
         sys.exit(130)
+    except RunStopped as e:
+        store.write_tables(default_columns())
+        _fail(f"stopped: {e}; the failure is recorded and the other cells are left: run again to go on "
+              "(--retry-failed to measure it again)", 1)
     store.write_tables(default_columns())
     _print_table(store.table(_grid_cells(store, g)), None, "markdown")
     click.echo(f"\n{summary.measured} measured, {summary.reused} reused, {len(summary.failed)} failed, "
@@ -184,6 +222,55 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
                    "run again to finish it", err=True)
     if summary.failed or summary.busy:
         sys.exit(1)
+
+
+def _log_line(event: str, step) -> None:
+    """Without progress bars (a log file, a batch job): one line as each measurement starts and ends."""
+    import time
+
+    click.echo(f"{time.strftime('%H:%M:%S')} {event:6} {step.label}: {step.name}")
+
+
+def _grid_device(g) -> str:
+    """The one device setting of a grid run under torchrun (it picks the backend: gloo or nccl)."""
+    devices = {c["device"] for c in g.cells}
+    if len({"cpu" if d == "cpu" else "gpu" for d in devices}) > 1:
+        _fail(f"under torchrun every cell of {g.name} must use the same kind of device; "
+              f"it has device: {', '.join(sorted(devices))}")
+    return devices.pop() if devices else "auto"
+
+
+def _follow(g) -> int:
+    from . import distributed
+
+    distributed.init(_grid_device(g))
+    try:
+        return distributed.follow()
+    finally:
+        distributed.close()
+
+
+class _ranks:
+    """Under torchrun, the leader's side: join the process group, and let the followers go
+    when the grid is done (or stopped)."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def __enter__(self):
+        from . import distributed
+
+        if distributed.from_env().distributed:
+            distributed.init(_grid_device(self.g))
+        return self
+
+    def __exit__(self, *exc):
+        from . import distributed
+
+        if distributed.world().distributed:
+            distributed.stop_followers()
+            distributed.close()
+        return False
 
 
 def _open_store(root, set_aside: bool = True):
@@ -332,10 +419,19 @@ def table(grid, results, query, columns, pivot, sort, fmt, output):
         g = None  # every cell in the folder
     else:
         g = _load(grid) if find_grid(grid).is_file() else None
+    named_only = results is None
     if results is None:
         results = _results_dir(None, g.name if g else str(grid))
     store = _open_store(results, set_aside=False)
     if not (store.root / "cells").is_dir():
+        if grid is not None and g is None and named_only:  # a name that is neither a grid nor a results folder
+            from .grid import EXPERIMENTS
+            from .registry import did_you_mean
+
+            known = sorted({p.stem for p in EXPERIMENTS.glob("*.yaml")}
+                           | {p.name for p in Path("results").glob("*") if (p / "cells").is_dir()})
+            _fail(f"{grid}: no such grid (a YAML file, a built-in grid or a folder of results/)"
+                  f"{did_you_mean(str(grid), known)}; known here: {', '.join(known)}")
         _fail(f"{store.root}: no results here (run `ablate run` first, or pass --results DIR)")
     if g is None:
         df = store.table()
@@ -395,9 +491,10 @@ def _check_columns(cols, df, option):
               help="inception (standard FID), domain (a CNN trained on the dataset), or auto: domain for "
                    "digits and mnist, else inception.")
 @click.option("--samples", "-n", type=int, metavar="N", help="Use a fixed random N images of each input.")
-@click.option("--image-size", type=int, metavar="PX",
+@click.option("--image-size", type=click.IntRange(min=1), metavar="PX",
               help="Size of a dataset input (default: the other input's, if a folder, else the dataset's).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per batch for features.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--format", "-f", "fmt", type=click.Choice(FORMATS[:3]), default="markdown", show_default=True)
 def fid_command(input1, input2, extractor, samples, image_size, batch_size, device, fmt):

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cell import Cell, Needed, cell_id, label, measurement_key
+from .distributed import DistributedFailure, run_everywhere, world
 from .env import environment
 from .grid import Grid
 from .measure import MEASURES
@@ -97,17 +98,19 @@ DEFAULT_WAIT_S = 300.0  # how long a runner waits for what another process holds
 
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True,
              wait_s: float = DEFAULT_WAIT_S, worker: tuple[int, int] = (0, 1),
-             report: Callable[[str, Step], None] | None = None) -> Summary:
+             report: Callable[[str, Step], None] | None = None, only: set[str] | None = None) -> Summary:
     """Measure what is left of ``grid``; then wait up to ``wait_s`` seconds for what other
     processes hold (measuring what they leave undone); what is still held is ``busy``.
 
     ``worker=(i, n)``: this runner is worker i of n on the store (``ablate run --jobs n``);
     it takes cells i, i+n, i+2n, ... first and then the rest, so the workers start on
-    different cells and the claims keep them apart."""
+    different cells and the claims keep them apart. ``only``: just these cell ids."""
     runner = Runner(store, retry_failed=retry_failed, progress=progress, report=report)
     cells = []
     for index, config in enumerate(grid.cells):
         cid, keys = cell_id(config), cell_keys(config)
+        if only is not None and cid not in only:
+            continue
         try:
             store.save_cell(cid, config, keys, index, grid=grid.name)
         except OSError as err:  # a full disk, a read-only folder: this cell cannot run
@@ -144,6 +147,7 @@ class Runner:
         self.report = report or (lambda event, step: None)  # ("start" | "ok" | "failed", step)
         self.started = now()
         self.summary = Summary()
+        self.stopped: str | None = None  # why a distributed measurement ended the run
 
     def measure(self, step: Step, wait_s: float = 0.0) -> bool:
         """Measure the step unless it is done; False if another process holds it (or a
@@ -180,6 +184,8 @@ class Runner:
                                             f"{record.get('error') or 'measured'}; not recorded: {_store_error(err)}"))
                 return True
             self.report(record["status"], step)
+            if self.stopped:
+                raise RunStopped(f"{step.label}: {step.name}: {self.stopped}")
             if record["status"] == "ok":
                 self.summary.measured += 1
             else:
@@ -224,7 +230,10 @@ class Runner:
             if step.config["threads"]:
                 torch.set_num_threads(step.config["threads"])
             record["env"] = environment(cell.device)
-            metrics = m.fn(cell, progress=self.progress) if _takes_progress(m.fn) else m.fn(cell)
+            if m.distributed and world().distributed:  # torchrun: every rank does its share
+                metrics = run_everywhere(m.name, m.fn, cell, self.progress)
+            else:
+                metrics = m.fn(cell, progress=self.progress) if _takes_progress(m.fn) else m.fn(cell)
             _check_metrics(metrics, step, self.store)
             record.update(status="ok", metrics=metrics)
         except (KeyboardInterrupt, SystemExit):
@@ -232,9 +241,16 @@ class Runner:
         except BaseException as err:  # noqa: BLE001  -- any failure becomes a row
             error = "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError) else one_line(err, with_type=True)
             record.update(status="failed", error=error, traceback=traceback.format_exc(), metrics={})
+            if isinstance(err, DistributedFailure):
+                self.stopped = str(err)  # recorded; the run must end (ablate.distributed)
         record["finished"] = now()
         record["wall_s"] = round(time.perf_counter() - t0, 3)
         return record
+
+
+class RunStopped(RuntimeError):
+    """A distributed measurement failed (and was recorded): the torchrun launch must end,
+    since another rank may be stuck in a collective. Its ``str`` says which and why."""
 
 
 class MetricNameClash(ValueError):

@@ -8,6 +8,9 @@ Nothing is kept about the jobs themselves: what is pending is what the store lac
 or a node lost). On SLURM's pre-emption or time-limit signal, submitit calls the task's
 ``checkpoint`` and requeues it; the requeued task finds its cell's finished measurements
 in the store and training resumes from its last checkpoint.
+
+A task with more than one rank (``--gpus-per-node 8``, or ``--ranks-per-task``) runs its
+cell under torchrun on its node: DDP training over its GPUs (``ablate.distributed``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ class CellTask(submitit.helpers.Checkpointable):
     """One array task: the pending measurements of one cell. Checkpointable: on pre-emption
     submitit requeues the same call (the store and the training checkpoint hold the state)."""
 
-    def __call__(self, grid_path: str, results: str, cell: str, retry_failed: bool = False) -> dict:
+    def __call__(self, grid_path: str, results: str, cell: str, retry_failed: bool = False, ranks: int = 1) -> dict:
+        if ranks > 1:
+            return _torchrun(grid_path, results, cell, retry_failed, ranks)
         grid = load_grid(grid_path)  # imports the grid's plugins in this process too
         index = next((i for i, c in enumerate(grid.cells) if cell_id(c) == cell), None)
         if index is None:
@@ -50,6 +55,21 @@ class CellTask(submitit.helpers.Checkpointable):
         return {"measured": s.measured, "reused": s.reused, "failed": s.failed, "busy": s.busy}
 
 
+def _torchrun(grid_path: str, results: str, cell: str, retry_failed: bool, ranks: int) -> dict:
+    """The task's cell over ``ranks`` processes on this node (one per GPU): ``torchrun
+    --standalone -m ablate run GRID --cell ID``, whose rank 0 claims and stores as above."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           "-m", "ablate", "run", grid_path, "--results", results, "--cell", cell, "--no-progress",
+           "--wait", str(DEFAULT_WAIT_S), *(["--retry-failed"] if retry_failed else [])]
+    print(" ".join(cmd), flush=True)
+    proc = subprocess.run(cmd)  # its output goes to the task's log
+    if proc.returncode not in (0, 1):  # 1: a measurement failed, and is recorded in the store
+        raise RuntimeError(f"torchrun over {ranks} ranks exited with {proc.returncode} (see the task's log)")
+    return {"torchrun_exit": proc.returncode, "ranks": ranks}
+
+
 @dataclass
 class Submitted:
     jobs: list = field(default_factory=list)  # submitit jobs, one per cell
@@ -64,8 +84,12 @@ def default_cluster() -> str:
 
 def submit(grid: Grid, results: Path, *, cluster: str | None = None, partition: str | None = None,
            gpus_per_node: int = 1, cpus_per_task: int | None = None, mem_gb: float | None = None,
-           timeout_min: int = 60, array_parallelism: int | None = None, retry_failed: bool = False) -> Submitted:
-    """Submit one array task per cell with something pending; returns the jobs."""
+           timeout_min: int = 60, array_parallelism: int | None = None, retry_failed: bool = False,
+           ranks_per_task: int | None = None) -> Submitted:
+    """Submit one array task per cell with something pending; returns the jobs.
+
+    ``ranks_per_task`` (default: ``gpus_per_node``): a task runs its cell under torchrun
+    over that many processes (DDP training, ``ablate.distributed``) when it is above 1."""
     store = Store(results)
     todo = pending(grid, store, retry_failed, here=False)
     cluster = cluster or default_cluster()
@@ -87,8 +111,9 @@ def submit(grid: Grid, results: Path, *, cluster: str | None = None, partition: 
     executor.update_parameters(**params)
     cells = [config for config, _ in todo]
     n = len(cells)
+    ranks = ranks_per_task or max(1, gpus_per_node)
     out.jobs = executor.map_array(CellTask(), [str(Path(grid.path).resolve())] * n, [str(store.root.resolve())] * n,
-                                  [cell_id(c) for c in cells], [retry_failed] * n)
+                                  [cell_id(c) for c in cells], [retry_failed] * n, [ranks] * n)
     out.cells = cells
     return out
 

@@ -155,6 +155,8 @@ class TrainStep:
     returns the mean loss (a detached 0-dim device tensor; reading it is a sync point).
 
     ``ema`` is a module whose trainable parameters follow the model's (None: no EMA).
+    Under torchrun (``ablate.distributed``) the model is wrapped in DistributedDataParallel
+    and each rank trains on its share of the global batch; the returned loss is the share's.
     ``compile_s`` is the wall time of the first step when compiled (tracing and code
     generation, or loading them from the disk cache), 0 otherwise.
     """
@@ -163,8 +165,19 @@ class TrainStep:
                  weight_decay: float = 0.0, ema: nn.Module | None = None, ema_decay: float = 0.9999,
                  grad_clip: float | None = None, compile: bool = False, compile_mode: str = "default",
                  compile_scope: str = "step", activation_checkpointing: bool = False):
+        from .distributed import world
+
         self.model, self.diffusion, self.precision = model, diffusion, precision
         self.device = next(model.parameters()).device
+        # Under torchrun: this rank's share of each global batch, and DDP averaging the
+        # gradients over the ranks (ablate.distributed). ``net`` is what the loss calls.
+        self.world = world()
+        self.net = model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                               else None)
         self.params = trainable(model)
         self.ema_params = None if ema is None else [
             e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
@@ -184,9 +197,9 @@ class TrainStep:
 
     def loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
              drop: torch.Tensor | None) -> torch.Tensor:
-        """Mean hybrid loss of a batch; the part that is compiled."""
+        """Mean hybrid loss of a batch (this rank's share); the part that is compiled."""
         kwargs = {"y": y, "force_drop_ids": drop}
-        return self.diffusion.training_losses(self.model, x, t, kwargs, noise=noise)["loss"].mean()
+        return self.diffusion.training_losses(self.net, x, t, kwargs, noise=noise)["loss"].mean()
 
     def draw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Timesteps, noise and dropped labels, in the order the eager step draws them."""
@@ -198,8 +211,14 @@ class TrainStep:
         return t, noise, drop
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Train on the global batch (x, y); under torchrun, on this rank's slice of it, with
+        the random draws of the whole batch (so N ranks draw what one process would)."""
         t0 = time.perf_counter() if self._first else 0.0
         t, noise, drop = self.draw(x)
+        if self.world.distributed:
+            mine = self.world.share(x.shape[0])
+            x, y, t, noise = x[mine], y[mine], t[mine], noise[mine]
+            drop = None if drop is None else drop[mine]
         with precision_context(x.device, self.precision):
             loss = self.loss(x, t, noise, y, drop)
         self.optimizer.zero_grad(set_to_none=True)

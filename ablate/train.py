@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion import LOSSES, SAMPLERS, create_diffusion
+from .distributed import World, all_gather, mean, world as current_world
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import precision_context, resolve_precision, synchronize
 from .files import replace_with
@@ -88,12 +89,15 @@ class TrainSettings:
 def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50, sampler: str = "ddpm",
                   cfg_scale: float = 1.0, precision: str = "fp32", seed: int = 0,
                   batch_size: int = 64, device: torch.device | str = "cpu", compile: bool = False,
-                  compile_mode: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
+                  compile_mode: str = "default", world: World | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` samples from a (EMA) DiT with labels cycling 0, 1, ..., num_classes-1, 0, ...
 
     Returns (samples (n, C, H, W) clamped to [-1, 1], labels (n,)), both on ``device``.
-    The noise comes from a generator seeded with ``seed``, so the same seed gives the same
-    starting noise at every evaluation and grids over training steps are comparable.
+    Batch i's noise comes from a generator seeded with (``seed``, i), so the same seed gives
+    the same noise at every evaluation (grids over training steps are comparable), and
+    the batches can be drawn anywhere: with ``world`` (every rank of a torchrun launch
+    calls this), rank r draws batches r, r + N, ... and every rank gets all the samples,
+    the same as one process draws.
 
     ``compile``: the denoising network (with guidance) is compiled for one batch shape;
     the last batch is padded to ``batch_size`` (so its noise, drawn for the padded batch,
@@ -104,15 +108,20 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
         raise ValueError("cfg_scale != 1 needs a model trained with class dropout (a null class)")
     diffusion = create_diffusion(str(steps), learn_sigma=model.learn_sigma)
     diffusion.preload(device)
-    generator = torch.Generator(device).manual_seed(seed)
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    world = world or World()
     labels = torch.arange(n, device=device) % model.num_classes
     was_training = model.training
     model.eval()
     denoise = model if cfg_scale == 1.0 else model.forward_with_cfg
     if compile:
         denoise = compiled(denoise, compile_mode)
-    out = []
-    for y in labels.split(batch_size):
+    out = {}
+    for i, y in enumerate(labels.split(batch_size)):
+        if i % world.size != world.rank:
+            continue
+        generator = torch.Generator(device).manual_seed(seed * 2**24 + i)
         real = len(y)
         if compile and real < batch_size:  # one shape for the compiled network: pad
             y = torch.cat([y, y.new_zeros(batch_size - real)])
@@ -127,9 +136,12 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
                 x = diffusion.sample(denoise, (2 * len(y), *shape[1:]),
                                      {"y": y2, "cfg_scale": cfg_scale}, sampler=sampler,
                                      noise=torch.cat([z, z]), generator=generator)[: len(y)]
-        out.append(x[:real].float().clamp_(-1, 1))
+        out[i] = x[:real].float().clamp_(-1, 1)
     model.train(was_training)
-    return torch.cat(out), labels
+    if world.distributed:
+        shares = all_gather({i: x.cpu() for i, x in out.items()})
+        out = {i: x.to(device) for share in shares for i, x in share.items()}
+    return torch.cat([out[i] for i in sorted(out)]), labels
 
 
 def save_grid(samples: torch.Tensor, path: Path) -> None:
@@ -208,14 +220,17 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_or_set_aside(path: Path) -> dict | None:
+def _load_or_set_aside(path: Path, set_aside: bool = True) -> dict | None:
     """The checkpoint, or None if there is none or it cannot be read: a corrupt one (a
-    full disk, a copy cut short) is renamed ``*.corrupt``, said so, and training starts over."""
+    full disk, a copy cut short) is renamed ``*.corrupt`` (by rank 0 alone, ``set_aside``),
+    said so, and training starts over."""
     if not path.exists():
         return None
     try:
         return load_checkpoint(path)
     except Exception as e:  # noqa: BLE001  -- torch raises many kinds for a damaged file
+        if not set_aside:
+            return None
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
         print(f"warning: {path}: unreadable checkpoint ({one_line(e, with_type=True)[:200]}); kept as "
@@ -273,6 +288,7 @@ def train(model: nn.Module, dataset, settings: TrainSettings, *, workdir: Path |
     trainer.run(progress)
     return {**summarize(trainer.log, trainer.evals, trainer.precision),
             "train_compile": trainer.compile, "train_compile_s": trainer.step.compile_s,
+            "train_ranks": trainer.world.size,
             "train_peak_mem_mb": peak_memory_mb(device)}
 
 
@@ -286,6 +302,9 @@ class Trainer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.dataset, self.settings, self.workdir, self.seed, self.device = dataset, settings, workdir, seed, device
         self.evaluate = evaluate
+        # Under torchrun: every rank trains its share, rank 0 alone writes (ablate.distributed).
+        self.world = current_world()
+        self.world.share(settings.batch_size)  # refused here, on every rank alike, if it does not divide
         self.precision = resolve_precision(device, settings.precision)
         torch.manual_seed(seed)  # timesteps, noise and label dropout all draw from the global RNG
         self.model = model.to(device).train()
@@ -304,7 +323,10 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device)
         self.window_steps = 0
         data_rng = torch.Generator().manual_seed(seed)
-        ck = _load_or_set_aside(self.path)
+        ck = _load_or_set_aside(self.path, set_aside=self.world.leader)
+        steps = all_gather(None if ck is None else ck["step"])
+        if len(set(steps)) > 1:  # a checkpoint replaced while the ranks read it
+            raise RuntimeError(f"{self.path}: the ranks read different checkpoints (steps {steps}); run again")
         data_state = self._restore(ck) if ck is not None else None
         self.batches = _Batches(dataset, settings.batch_size, data_rng, device, data_state)
         self.timed_steps = 0  # steps of the window run by this process (a resumed window began before it)
@@ -364,7 +386,8 @@ class Trainer:
 
     def _end_window(self, step: int) -> None:
         """Log the window's mean loss and throughput, and start a new window."""
-        self.last_loss = (self.loss_sum / self.window_steps).item()  # the sync point: once per window
+        # The sync point, once per window; the mean over the ranks' shares is the global batch's.
+        self.last_loss = mean(self.loss_sum / self.window_steps).item()
         now = time.perf_counter()
         seconds = now - self.t_window - self.window_paused
         images = self.timed_steps * self.settings.batch_size
@@ -379,12 +402,12 @@ class Trainer:
         """Evaluate, snapshot the EMA and/or checkpoint with the training clock stopped."""
         synchronize(self.device)
         t0, train_wall = time.perf_counter(), self._wall()
-        if due_snapshot:
+        if due_snapshot and self.world.leader:
             save_checkpoint(self.workdir / EMA_SNAPSHOT.format(step=step),
                             {"step": step, "ema": self.ema.state_dict(), "train_wall_s": train_wall})
         if due_eval:
             self._evaluate(step, train_wall)
-        if due_checkpoint:
+        if due_checkpoint and self.world.leader:
             self._checkpoint(step, train_wall)
         spent = time.perf_counter() - t0
         self.paused += spent
@@ -395,7 +418,9 @@ class Trainer:
         samples, _ = sample_images(self.ema, s.eval_samples, image_size=self.dataset.image_size,
                                    steps=s.sample_steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
                                    precision=self.precision, seed=self.seed, batch_size=s.batch_size,
-                                   device=self.device)
+                                   device=self.device, world=self.world)
+        if not self.world.leader:
+            return
         save_grid(samples, self.workdir / f"samples_step{step:07d}.png")
         metrics = self.evaluate(self.ema, samples, step) if self.evaluate is not None else {}
         self.evals.append({"step": step, "train_loss": self.last_loss, "train_wall_s": train_wall,

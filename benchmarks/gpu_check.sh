@@ -9,6 +9,7 @@
 #   e  train_S2_extra.md DiT-S/2 batch 256: compiled with CUDA graphs; eager with activation
 #                        checkpointing (peak memory) beside plain
 #   c  timing_grid.md    `ablate run`: the four blocks at DiT-S/2 and DiT-XL/2, eager, 5 repeats
+#   f  train_digits_torchrun.md  d's grid under torchrun, one rank per GPU (DDP over nccl)
 # Compiles (about 40-50 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 1.
 # Expected on an H100: a1 ~70 s, a2 ~25 s, a3 ~90 s, b ~60 s, d ~70 s, c ~70 s, e ~60 s:
 # the default budget reaches d; ABLATE_GPU_CHECK_BUDGET=450 runs e and c too.
@@ -134,6 +135,18 @@ run_grid() {
 }
 export -f run_grid
 section timing_grid 100 bash -c run_grid
+
+# (f) the torchrun path (issue 13) with one rank per GPU: nccl, DDP, rank 0's orders; the
+# same training grid as (d) with its own results folder, so its table sits beside d's
+run_ddp() {
+  n=$($PY -c "import torch; print(max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2)")
+  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m torch.distributed.run --standalone \
+    --nproc_per_node "$n" -m ablate run "$WORK/train.yaml" --results "$WORK/ddp" --no-progress
+  table "$WORK/train.yaml" "$WORK/ddp" "$OUT/train_digits_torchrun.md" \
+    model,status,final_loss,train_ranks,train_img_per_s,train_compile_s,train_peak_mem_mb,train_wall_s,error
+}
+export -f run_ddp
+section train_digits_torchrun 110 bash -c run_ddp
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
 rm -rf "$WORK"

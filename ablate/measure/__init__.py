@@ -48,14 +48,20 @@ class Measurement:
     needs: tuple[str, ...] = ()  # measurements whose results this one reads
     columns: tuple[str, ...] = ()  # metrics shown by default in tables
     doc: str = ""
+    # Under torchrun, run on every rank (each doing its share; the leader's result is stored)
+    # rather than on rank 0 alone: ablate.distributed.
+    distributed: bool = False
 
 
 MEASURES: Registry[Measurement] = Registry("measurement")
 
 
 def register_measure(name: str, *, settings: type | None = None, uses: tuple[str, ...] = MODEL_KEYS,
-                     needs: tuple[str, ...] = (), columns: tuple[str, ...] = ()):
-    """Decorator: ``@register_measure("flops", columns=("gflops",))`` on ``fn(cell, progress=True) -> dict``."""
+                     needs: tuple[str, ...] = (), columns: tuple[str, ...] = (), distributed: bool = False):
+    """Decorator: ``@register_measure("flops", columns=("gflops",))`` on ``fn(cell, progress=True) -> dict``.
+
+    ``distributed=True``: under torchrun every rank calls ``fn`` (it splits its work with
+    ``ablate.distributed.world()``, and only rank 0's result is stored); otherwise rank 0 alone."""
 
     def add(fn: Callable) -> Callable:
         for other_name, other in MEASURES.items():
@@ -64,7 +70,8 @@ def register_measure(name: str, *, settings: type | None = None, uses: tuple[str
                 raise ValueError(f"measurement {name!r}: column {clash[0]!r} is already a column of "
                                  f"{other_name!r}; prefix the metric with the measurement's name")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        MEASURES.register(name, Measurement(name, fn, settings, tuple(uses), tuple(needs), tuple(columns), doc))
+        MEASURES.register(name, Measurement(name, fn, settings, tuple(uses), tuple(needs), tuple(columns), doc,
+                                            distributed))
         return fn
 
     return add

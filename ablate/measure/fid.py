@@ -48,12 +48,13 @@ class FidSettings:
 
 
 @register_measure("fid", settings=FidSettings, uses=MODEL_KEYS + ("seed",), needs=("train",),
-                  columns=("fid", "kid_mean", "precision", "recall", "fid_extractor"))
+                  columns=("fid", "kid_mean", "precision", "recall", "fid_extractor"), distributed=True)
 def fid(cell, progress: bool = True) -> dict:
     """FID, KID, precision/recall of EMA samples (every snapshot: quality over steps)."""
     import torch
     from tqdm.auto import tqdm
 
+    from ..distributed import world
     from ..quality.extractors import get_extractor
     from ..quality.metrics import quality
     from ..quality.sources import from_dataset, from_samples
@@ -69,23 +70,34 @@ def fid(cell, progress: bool = True) -> dict:
                                 "trained weights and does not retrain (run train again: --retry-failed)")
     if not s.over_steps:
         states = {last: states[last]}
-    extractor = get_extractor(s.extractor, cell.config["data"], progress=progress)
-    reference = from_dataset(cell.config["data"])
+    # Under torchrun every rank draws its share of the samples; rank 0 alone scores them.
+    w = world()
+    if w.leader:
+        extractor = get_extractor(s.extractor, cell.config["data"], progress=progress)
+        reference = from_dataset(cell.config["data"])
     precision = train.metrics.get("train_precision", "fp32")
     model = cell.build_model()
     image_size = cell.dataset.image_size
     compile = cell.device.type == "cuda" and s.samples >= 2000 if s.compile == "auto" else s.compile
+    if compile:  # dynamo keeps a few compiled entries per function: a grid's cells would use them up
+        from ..step import fresh_compiles
+
+        fresh_compiles()
     over_steps = []
     for step, path in tqdm(states.items(), desc="fid", unit="step", disable=not progress, leave=False):
         model.load_state_dict(load_ema(path)[1])
         samples, _ = sample_images(model, s.samples, image_size=image_size, steps=s.sample_steps, sampler=s.sampler,
                                    cfg_scale=s.cfg_scale, precision=precision, seed=s.seed,
-                                   batch_size=s.batch_size, device=cell.device, compile=compile)
+                                   batch_size=s.batch_size, device=cell.device, compile=compile, world=w)
+        if not w.leader:
+            continue
         scores = quality(from_samples(samples), reference, extractor, batch_size=s.batch_size, device=cell.device)
         over_steps.append({"step": step, **scores})
         del samples
     if cell.device.type == "cuda":
         torch.cuda.empty_cache()
+    if not w.leader:
+        return {}
     final = over_steps[-1]
     return {
         **{k: v for k, v in final.items() if k != "step"},

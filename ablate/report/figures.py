@@ -116,6 +116,13 @@ def _seeds_note(df: pd.DataFrame) -> str:
     return f"{lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"{lo}-{hi} seeds"
 
 
+def _spread_note(df: pd.DataFrame, mark: str, spread: str) -> str:
+    """What a mark and its spread show; one seed has no spread to show, so says so."""
+    if int(df.groupby(["variant", "block"])["seed"].nunique().max()) < 2:
+        return f"{mark}: one seed, so no spread between seeds is shown"
+    return f"{mark}: mean over {_seeds_note(df)}, {spread}: ± 1 std"
+
+
 # ----- 1. quality over training steps (the paper's Figure 5) ---------------------------------
 def quality_over_steps(r: Results):
     df = r.series("fid_over_steps")
@@ -141,7 +148,7 @@ def quality_over_steps(r: Results):
         ax.set_ylabel(_axis_text(fid_label(r)))
         if len(variants) > 1:
             ax.set_title(variant)
-    fig.suptitle(f"FID over training, lower is better\n(line: mean over {_seeds_note(df)}, band: ± 1 std)")
+    fig.suptitle(f"FID over training, lower is better\n({_spread_note(df, 'line', 'band')})")
     _block_legend(fig, block_order(df["block"]), r.colors, ids)
     return fig
 
@@ -185,7 +192,7 @@ def gflops_vs_fid(r: Results):
             ax.set_title(other)
     markers = [Line2D([], [], color="0.4", lw=0, marker=PATCH_MARKERS.get(p, "D"), label=f"patch {p}")
                for p in sorted(t["patch_size"].dropna().unique())]
-    fig.suptitle("Gflops against final FID, lower is better\n(mean over seeds, bars: ± 1 std)")
+    fig.suptitle(f"Gflops against final FID, lower is better\n({_spread_note(t, 'point', 'bars')})")
     _block_legend(fig, block_order(t["block"]), r.colors, ids, extra=markers)
     return fig
 

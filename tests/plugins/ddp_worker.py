@@ -1,0 +1,47 @@
+"""Run by the distributed tests under ``torchrun --nproc_per_node N``: train a tiny DiT on
+digits (``train WORKDIR STEPS``) or draw samples (``sample OUT``) on every rank, the way
+the ``train`` and ``fid`` measurements do. Rank 0 saves what the test compares with one
+process; the other ranks write nothing."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest, for the tiny DiT
+
+from ablate import distributed  # noqa: E402
+from ablate.data import build_dataset  # noqa: E402
+from ablate.train import TrainSettings, sample_images, train  # noqa: E402
+from conftest import tiny  # noqa: E402
+
+SETTINGS = dict(batch_size=16, lr=1e-3, precision="fp32", log_every=2, checkpoint_every=3, eval_samples=6,
+                eval_every=3, sample_steps=3, sampler="ddim", ema_decay=0.9)
+
+
+def model():
+    return tiny(input_size=16, patch_size=4, in_channels=1, num_heads=2, live_output=True)
+
+
+def main(mode: str, *args: str) -> None:
+    torch.set_num_threads(1)
+    w = distributed.init("cpu")
+    try:
+        if mode == "train":
+            workdir, steps = Path(args[0]), int(args[1])
+            data = build_dataset({"name": "digits", "image_size": 16}).subset(100)
+            out = train(model(), data, TrainSettings(steps=steps, **SETTINGS), workdir=workdir, seed=0,
+                        device="cpu", progress=False)
+            if w.leader:
+                torch.save({"ranks": out["train_ranks"], "log": out["log"]}, workdir / "result.pt")
+        elif mode == "sample":
+            x, y = sample_images(model(), 21, image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4,
+                                 world=w)
+            assert len(x) == 21 and (y == torch.arange(21) % 10).all()
+            if w.leader:
+                torch.save(x, args[0])
+    finally:
+        distributed.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

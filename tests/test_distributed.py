@@ -1,0 +1,181 @@
+"""Training and sampling over several processes (torchrun, gloo on the CPU) compute what
+one process computes: the same global batch, data order and noise; a checkpoint written by
+two ranks resumes on one; `torchrun -m ablate run` fills the same table as `ablate run`."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ablate.data import build_dataset
+from ablate.train import TrainSettings, sample_images, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))
+import ddp_worker  # noqa: E402
+
+WORKER = Path(ddp_worker.__file__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def one_process(workdir: Path, steps: int) -> dict:
+    torch.set_num_threads(1)
+    data = build_dataset({"name": "digits", "image_size": 16}).subset(100)
+    out = train(ddp_worker.model(), data, TrainSettings(steps=steps, **ddp_worker.SETTINGS), workdir=workdir,
+                seed=0, device="cpu", progress=False)
+    return out
+
+
+def state(workdir: Path) -> dict:
+    return torch.load(workdir / "checkpoint.pt", weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Six steps of one process: the reference."""
+    workdir = tmp_path_factory.mktemp("single") / "run"
+    out = one_process(workdir, 6)
+    return out, state(workdir)
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path, single):
+    r = torchrun(2, WORKER, "train", tmp_path / "run", 6)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, ref = single
+    got = state(tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "result.pt")["ranks"] == 2
+    # Same global batch, data, noise and dropped labels; only the order of float sums differs.
+    losses = [e["loss"] for e in got["log"]]
+    assert losses == pytest.approx([e["loss"] for e in out["log"]], rel=1e-5, abs=1e-6)
+    assert max_diff(got["model"], ref["model"]) < 1e-5
+    assert max_diff(got["ema"], ref["ema"]) < 1e-5
+    assert max_diff(got["model"], ddp_worker.model().state_dict()) > 1e-3  # it did train
+    # Rank 0 alone wrote: one checkpoint, the step-3 snapshot and two sample grids, no temporary files.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.pt", "ema_step0000003.pt", "result.pt", "samples_step0000003.png", "samples_step0000006.png"]
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one(tmp_path, single):
+    r = torchrun(2, WORKER, "train", tmp_path / "run", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert state(tmp_path / "run")["step"] == 3
+    one_process(tmp_path / "run", 6)  # steps 4..6 in this process, from the 2-rank checkpoint
+    _, ref = single
+    got = state(tmp_path / "run")
+    assert got["step"] == 6
+    assert max_diff(got["model"], ref["model"]) < 1e-5 and max_diff(got["ema"], ref["ema"]) < 1e-5
+
+
+def test_sampling_split_over_ranks_draws_the_same_images(tmp_path):
+    r = torchrun(3, WORKER, "sample", tmp_path / "x.pt")  # 6 batches of 4 (the last of 1) over 3 ranks
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.set_num_threads(1)
+    x, _ = sample_images(ddp_worker.model(), 21, image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4)
+    got = torch.load(tmp_path / "x.pt")
+    assert got.shape == x.shape == (21, 1, 16, 16)
+    assert (got - x).abs().max().item() < 1e-5
+    assert (x[0] - x[4]).abs().max().item() > 0.1  # batches do get different noise
+
+
+GRID = """
+name: ddp-grid
+imports: [{plugin}]
+grid:
+  block: [adaln-zero, in-context]
+base:
+  model: DiT-T/4
+  seed: 0
+  threads: 1
+  data: {{name: digits, image_size: 16}}
+  measure: [flops, {extra}train, fid]
+  train: {{steps: 6, batch_size: 16, lr: 1.0e-3, ema_decay: 0.9, log_every: 3, eval_every: 3, eval_samples: 4,
+          sampler: ddim, sample_steps: 2}}
+  fid: {{samples: 24, sampler: ddim, sample_steps: 2, batch_size: 8}}
+"""
+
+
+def write_grid(tmp_path, extra: str = "") -> Path:
+    p = tmp_path / "grid.yaml"
+    p.write_text(textwrap.dedent(GRID.format(plugin=WORKER.parent / "rank_fault.py", extra=extra)))
+    return p
+
+
+def test_torchrun_ablate_run_fills_the_table_of_one_process(tmp_path):
+    grid = write_grid(tmp_path)
+    one = subprocess.run([sys.executable, "-m", "ablate", "run", grid, "--results", tmp_path / "one",
+                          "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, "-m", "ablate", "run", grid, "--results", tmp_path / "two", "--no-progress")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = pd.read_csv(tmp_path / "one" / "table.csv").set_index("block")
+    b = pd.read_csv(tmp_path / "two" / "table.csv").set_index("block")
+    assert list(b["status"]) == ["ok", "ok"]
+    for col in ("final_loss", "fid", "kid_mean", "gflops"):
+        assert b[col].to_numpy() == pytest.approx(a[col].to_numpy(), rel=1e-4), col
+    assert (b["train_ranks"] == 2).all() and (a["train_ranks"] == 1).all()
+    # The leader alone printed the table.
+    assert two.stdout.count("| DiT-T/4") == 2, two.stdout
+
+
+def test_a_failure_on_one_rank_is_recorded_and_stops_the_run(tmp_path):
+    grid = write_grid(tmp_path, extra="rank_fault, ")
+    r = torchrun(2, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress")
+    assert r.returncode != 0
+    # One line from the leader; the failing rank's own traceback is printed too (a DDP
+    # failure is debugged from it), and torchrun reports the exit codes.
+    assert ("error: stopped: DiT-T/4 adaln-zero seed=0: rank_fault: rank 1 of 2: RuntimeError: injected on rank 1;"
+            in r.stderr), r.stderr[-3000:]
+    rows = pd.read_csv(tmp_path / "r" / "table.csv")
+    first = rows[rows.block == "adaln-zero"].iloc[0]
+    assert first["status"] == "failed" and "rank 1 of 2: RuntimeError: injected on rank 1" in first["error"]
+    # The run stopped after recording it: the second cell was left for the next run, and
+    # the next run (one process now) goes on with it and keeps what is done.
+    again = subprocess.run([sys.executable, "-m", "ablate", "run", grid, "--results", tmp_path / "r",
+                            "--no-progress"], capture_output=True, text=True, timeout=600)
+    rows = pd.read_csv(tmp_path / "r" / "table.csv").set_index("block")
+    assert rows.loc["in-context", "status"] == "ok" and rows.loc["adaln-zero", "status"] == "failed", again.stderr
+
+
+def test_a_submitit_task_runs_its_cell_under_torchrun(tmp_path):
+    """`--launcher submitit --ranks-per-task 2` (submitit's local executor here; on SLURM,
+    `--gpus-per-node 2`): the task trains its cell over two ranks and stores one result."""
+    pytest.importorskip("submitit")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(textwrap.dedent("""
+        name: slurm-ddp
+        base:
+          model: DiT-T/4
+          threads: 1
+          data: {name: digits, image_size: 8}
+          measure: [train]
+          train: {steps: 4, batch_size: 8, precision: fp32, log_every: 2, eval_samples: 0}
+        """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress",
+                        "--launcher", "submitit", "--cluster", "local", "--gpus-per-node", "0",
+                        "--ranks-per-task", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    rows = pd.read_csv(tmp_path / "r" / "table.csv")
+    assert list(rows["status"]) == ["ok"] and list(rows["train_ranks"]) == [2]
+    logs = "".join(p.read_text() for p in (tmp_path / "r" / "slurm").glob("*_log.out"))
+    assert "--nproc_per_node=2" in logs and "--cell" in logs
