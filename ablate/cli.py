@@ -15,8 +15,18 @@ FORMATS = ("markdown", "csv", "json", "parquet")
 
 
 def _fail(message: str, code: int = 2):
-    click.echo(f"error: {message}", err=True)
+    if not _follower():  # under torchrun every rank meets the same mistake: rank 0 says it once
+        click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _follower() -> bool:
+    from .distributed import from_env
+
+    try:
+        return not from_env().leader
+    except ValueError:
+        return False
 
 
 def _load(grid_arg: str | None):
@@ -143,10 +153,23 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
     only = set(only_cells) or None
     if only and (jobs != 1 or launcher or worker):
         _fail("--cell: not with --jobs or --launcher (run it alone, or under torchrun)")
-    ranks = from_env()
+    try:
+        ranks = from_env()
+    except ValueError as e:
+        _fail(str(e))
     if ranks.distributed:
+        from . import distributed
+
         if jobs != 1 or jobs_per_gpu != 1 or launcher or worker:
             _fail("--jobs, --launcher: not under torchrun, which starts the processes itself")
+        try:
+            distributed.timeout_min()
+        except ValueError as e:
+            _fail(str(e))
+        _grid_device(g)
+        problem = distributed.rank_problems([c for c in g.cells if not only or cell_id(c) in only], ranks.size)
+        if problem:
+            _fail(f"{g.path}: {problem} (torchrun --nproc_per_node)")
         if not ranks.leader:  # a follower: trains its share of what rank 0 sends (ablate.distributed)
             if not dry_run:
                 sys.exit(_follow(g))
@@ -163,7 +186,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
             state = {n: (store.result(k) or {}).get("status", "pending") for n, k in keys.items()}
             rows.append([cell_id(c), describe(c, g.axes), ", ".join(f"{n}:{s}" for n, s in state.items())])
         click.echo(tabulate(rows, headers=["cell_id", "cell", "measurements"]))
-        click.echo(f"{len(g.cells)} cells; results in {store.root}")
+        click.echo(f"{len(rows)} cells; results in {store.root}")
         return
     if worker:
         _run_worker(g, store, worker, retry_failed, wait_s)
@@ -187,6 +210,11 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
             from .slurm import main_submit
         except ImportError:
             _fail("--launcher submitit: needs submitit (pip install 'ablate[slurm]')")
+        from .distributed import rank_problems
+
+        problem = rank_problems(g.cells, ranks_per_task or max(1, gpus_per_node))
+        if problem:
+            _fail(f"{g.path}: {problem} (--ranks-per-task, or --gpus-per-node)")
         code = main_submit(g, store.root, wait_for_jobs=not detach, progress=progress, cluster=cluster,
                            partition=partition, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
                            mem_gb=mem_gb, timeout_min=timeout_min, array_parallelism=slurm_array_parallelism,
@@ -233,10 +261,12 @@ def _log_line(event: str, step) -> None:
 
 def _grid_device(g) -> str:
     """The one device setting of a grid run under torchrun (it picks the backend: gloo or nccl)."""
+    from .cell import resolve_device
+
     devices = {c["device"] for c in g.cells}
-    if len({"cpu" if d == "cpu" else "gpu" for d in devices}) > 1:
-        _fail(f"under torchrun every cell of {g.name} must use the same kind of device; "
-              f"it has device: {', '.join(sorted(devices))}")
+    if len({resolve_device(d).type for d in devices}) > 1:
+        _fail(f"under torchrun every cell of {g.name} must use the same kind of device (one backend, gloo "
+              f"or nccl, serves them all); it has device: {', '.join(sorted(devices))}")
     return devices.pop() if devices else "auto"
 
 
@@ -264,10 +294,13 @@ class _ranks:
             distributed.init(_grid_device(self.g))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         from . import distributed
+        from .runner import RunStopped
 
-        if distributed.world().distributed:
+        # After Ctrl-C the followers may be inside a collective, where an order would hang:
+        # the leader just exits, and torchrun ends the other ranks.
+        if distributed.world().distributed and (exc_type is None or issubclass(exc_type, RunStopped)):
             distributed.stop_followers()
             distributed.close()
         return False

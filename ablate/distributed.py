@@ -17,12 +17,19 @@ How the work is shared, so that N ranks compute what one process would:
   order and the noise are those of one process, and DistributedDataParallel averages the
   gradients into the global batch's. Checkpoints hold no rank state: one written by N ranks
   resumes on M (tested: 2 ranks, then 1, give one process's weights).
-- sampling (evaluation, FID): sample batch i uses noise seeded by (seed, i) and is drawn by
-  rank i mod N, then gathered: the images are the same for any N.
+- sampling (evaluation, FID): rank r computes sample batches r, r + N, ... and replays the
+  random draws of the others, then the batches are gathered: the images are exactly one
+  process's, for any N.
+- what rank 0 does alone (writing checkpoints and samples, scoring FID) is a
+  ``leader_only()`` section: the others wait for its outcome, so a failure there (a full
+  disk) ends every rank's share at once instead of leaving them in a collective.
 
 gloo runs on CPUs (the tests use two CPU processes), nccl on GPUs (rank r uses GPU
-LOCAL_RANK). The followers take their orders over a second, gloo group whose timeout is
-long: a leader busy with a long non-distributed measurement does not time them out.
+LOCAL_RANK). Collectives of the work (DDP, gathering samples) time out after
+``ABLATE_DDP_TIMEOUT_MIN`` minutes: a rank that failed alone leaves the others waiting
+that long at most. The leader's orders, its outcomes and the ranks' statuses go over a
+second gloo group whose timeout is long: a leader busy with a long non-distributed
+measurement (a timing), or scoring FID alone, does not time the others out.
 
 A failure inside a distributed measurement stops the run after the leader has recorded
 it: another rank may be stuck in a collective, so going on to the next cell is not safe.
@@ -33,6 +40,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,10 +48,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# The training group's collective timeout: a rank that waits longer than this for the others
-# (one crashed, or is stuck) raises instead of hanging forever.
+# The work collectives' timeout (DDP, gathering samples): a rank that waits longer than this
+# for the others (one failed alone, or is stuck) raises instead of hanging. Ranks do equal
+# shares and rank 0's long solo work waits on the orders group, so the ranks of a healthy run
+# are never minutes apart (a compile, at most).
 TIMEOUT_ENV = "ABLATE_DDP_TIMEOUT_MIN"
-DEFAULT_TIMEOUT_MIN = 30.0
+DEFAULT_TIMEOUT_MIN = 10.0
 # Followers wait this long for the leader's next order (a timing grid on the leader can be long).
 ORDERS_TIMEOUT = timedelta(days=7)
 
@@ -106,11 +116,40 @@ def init(device_setting: str = "auto") -> World:
             raise ValueError(f"rank {w.rank}: LOCAL_RANK {w.local_rank} but this node has "
                              f"{torch.cuda.device_count()} GPUs; one rank per GPU (--nproc_per_node)")
         torch.cuda.set_device(w.local_rank)
-    minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
+    minutes = timeout_min()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
     _ORDERS = dist.new_group(backend="gloo", timeout=ORDERS_TIMEOUT)
     _WORLD = w
     return w
+
+
+def timeout_min() -> float:
+    """$ABLATE_DDP_TIMEOUT_MIN, checked (a ValueError in one line)."""
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0 or minutes == float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a number of minutes > 0")
+    return minutes
+
+
+def rank_problems(cells: list[dict], ranks: int) -> str | None:
+    """Why ``cells`` cannot train over ``ranks`` processes (a global batch that does not divide),
+    or None; checked before anything runs, so that a launch does not fail cell by cell."""
+    from .measure import MEASURES
+
+    if ranks <= 1:
+        return None
+    for config in cells:
+        if "train" not in config["measure"]:
+            continue
+        batch = MEASURES.get("train").settings(**config.get("train") or {}).batch_size
+        if batch % ranks:
+            return (f"train.batch_size: {batch} does not divide over {ranks} ranks (each trains an equal share "
+                    f"of the global batch); use a multiple of {ranks}")
+    return None
 
 
 def close() -> None:
@@ -121,12 +160,36 @@ def close() -> None:
 
 
 def all_gather(obj):
-    """Every rank's ``obj`` (picklable, on the CPU), in rank order, on every rank."""
+    """Every rank's ``obj`` (picklable, on the CPU), in rank order, on every rank; a
+    collective of the work (the training group's timeout)."""
     if not _WORLD.distributed:
         return [obj]
     out = [None] * _WORLD.size
-    dist.all_gather_object(out, obj, group=_ORDERS)
+    dist.all_gather_object(out, obj)
     return out
+
+
+class LeaderFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed in a ``leader_only`` section."""
+
+
+@contextmanager
+def leader_only():
+    """``with leader_only() as lead: if lead: ...``: work rank 0 does alone (writing files,
+    scoring), which the other ranks skip and wait for. Every rank learns rank 0's outcome
+    on leaving: if it failed, the others raise LeaderFailed (and rank 0 its own error), so
+    every rank leaves the measurement together instead of waiting in a collective."""
+    if not _WORLD.distributed:
+        yield True
+        return
+    box = [False]
+    try:
+        yield _WORLD.leader
+        box = [True]
+    finally:
+        dist.broadcast_object_list(box, src=0, group=_ORDERS)
+    if not box[0]:
+        raise LeaderFailed("rank 0 failed (its error is the one recorded)")
 
 
 def mean(x: torch.Tensor) -> torch.Tensor:
@@ -166,11 +229,11 @@ def run_everywhere(name: str, fn, cell, progress: bool):
         raise
     except BaseException as e:  # noqa: BLE001  -- reported to and by every rank alike
         error = e
-    statuses = all_gather(None if error is None else _describe(error))
-    bad = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    statuses = _statuses(_status(error))
+    bad = [(secondary, r, text) for r, s in enumerate(statuses) if s is not None for secondary, text in [s]]
     if bad:
-        rank, msg = bad[0]
-        raise DistributedFailure(f"rank {rank} of {_WORLD.size}: {msg}") from error
+        _, rank, text = min(bad)  # the cause first: a rank's own error before another's timeout waiting for it
+        raise DistributedFailure(f"rank {rank} of {_WORLD.size}: {text}") from error
     return result
 
 
@@ -198,12 +261,29 @@ def follow() -> int:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001
-            traceback.print_exc(file=sys.stderr)
-            error = _describe(e)
-        all_gather(error)
+            if not isinstance(e, LeaderFailed):
+                traceback.print_exc(file=sys.stderr)
+            error = e
+        _statuses(_status(error))
 
 
-def _describe(err: BaseException) -> str:
+def _statuses(status):
+    """Every rank's outcome of a measurement, over the orders group (a rank that failed
+    early waits here for the others however long their share takes)."""
+    out = [None] * _WORLD.size
+    dist.all_gather_object(out, status, group=_ORDERS)
+    return out
+
+
+def _status(err: BaseException | None) -> tuple[bool, str] | None:
+    """A rank's outcome for the others: None (done), or (secondary, its error in one line);
+    secondary: it failed because another rank did (rank 0 failed alone, or a collective
+    timed out or lost its peer waiting for a rank that had failed)."""
+    if err is None:
+        return None
     from .settings import one_line
 
-    return one_line(err, with_type=True)
+    text = one_line(err, with_type=True)
+    secondary = isinstance(err, (LeaderFailed, dist.DistError)) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset"))
+    return secondary, text

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion import LOSSES, SAMPLERS, create_diffusion
-from .distributed import World, all_gather, mean, world as current_world
+from .distributed import World, all_gather, leader_only, mean, world as current_world
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import precision_context, resolve_precision, synchronize
 from .files import replace_with
@@ -93,11 +93,13 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
     """``n`` samples from a (EMA) DiT with labels cycling 0, 1, ..., num_classes-1, 0, ...
 
     Returns (samples (n, C, H, W) clamped to [-1, 1], labels (n,)), both on ``device``.
-    Batch i's noise comes from a generator seeded with (``seed``, i), so the same seed gives
-    the same noise at every evaluation (grids over training steps are comparable), and
-    the batches can be drawn anywhere: with ``world`` (every rank of a torchrun launch
-    calls this), rank r draws batches r, r + N, ... and every rank gets all the samples,
-    the same as one process draws.
+    The noise comes from a generator seeded with ``seed``, so the same seed gives the same
+    starting noise at every evaluation and grids over training steps are comparable.
+
+    ``world`` (every rank of a torchrun launch calls this): rank r computes batches r, r + N,
+    ...; for the others it only replays their random draws (the sampler run with a denoiser
+    that returns zeros: elementwise work, no network), so its generator is where one
+    process's would be, and the gathered samples are exactly one process's.
 
     ``compile``: the denoising network (with guidance) is compiled for one batch shape;
     the last batch is padded to ``batch_size`` (so its noise, drawn for the padded batch,
@@ -108,8 +110,7 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
         raise ValueError("cfg_scale != 1 needs a model trained with class dropout (a null class)")
     diffusion = create_diffusion(str(steps), learn_sigma=model.learn_sigma)
     diffusion.preload(device)
-    if seed < 0:
-        raise ValueError(f"seed={seed} must be >= 0")
+    generator = torch.Generator(device).manual_seed(seed)
     world = world or World()
     labels = torch.arange(n, device=device) % model.num_classes
     was_training = model.training
@@ -119,29 +120,39 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
         denoise = compiled(denoise, compile_mode)
     out = {}
     for i, y in enumerate(labels.split(batch_size)):
-        if i % world.size != world.rank:
-            continue
-        generator = torch.Generator(device).manual_seed(seed * 2**24 + i)
+        mine = i % world.size == world.rank
+        net = denoise if mine else _replay(model)  # another rank's batch: advance the generator only
         real = len(y)
         if compile and real < batch_size:  # one shape for the compiled network: pad
             y = torch.cat([y, y.new_zeros(batch_size - real)])
         shape = (len(y), model.in_channels, image_size, image_size)
         with precision_context(device, precision):
             if cfg_scale == 1.0:
-                x = diffusion.sample(denoise, shape, {"y": y}, sampler=sampler, device=device, generator=generator)
+                x = diffusion.sample(net, shape, {"y": y}, sampler=sampler, device=device, generator=generator)
             else:
                 # First half conditional, second half the null class (index num_classes).
                 z = torch.randn(*shape, device=device, generator=generator)
                 y2 = torch.cat([y, torch.full_like(y, model.num_classes)])
-                x = diffusion.sample(denoise, (2 * len(y), *shape[1:]),
+                x = diffusion.sample(net, (2 * len(y), *shape[1:]),
                                      {"y": y2, "cfg_scale": cfg_scale}, sampler=sampler,
                                      noise=torch.cat([z, z]), generator=generator)[: len(y)]
-        out[i] = x[:real].float().clamp_(-1, 1)
+        if mine:
+            out[i] = x[:real].float().clamp_(-1, 1)
     model.train(was_training)
     if world.distributed:
         shares = all_gather({i: x.cpu() for i, x in out.items()})
         out = {i: x.to(device) for share in shares for i, x in share.items()}
     return torch.cat([out[i] for i in sorted(out)]), labels
+
+
+def _replay(model: nn.Module) -> Callable:
+    """A stand-in denoiser of ``model``'s output shape that returns zeros: the sampler run
+    with it makes the same random draws as with the network, at the cost of its arithmetic."""
+
+    def zeros(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], model.out_channels, *x.shape[2:])
+
+    return zeros
 
 
 def save_grid(samples: torch.Tensor, path: Path) -> None:
@@ -402,37 +413,44 @@ class Trainer:
         """Evaluate, snapshot the EMA and/or checkpoint with the training clock stopped."""
         synchronize(self.device)
         t0, train_wall = time.perf_counter(), self._wall()
-        if due_snapshot and self.world.leader:
-            save_checkpoint(self.workdir / EMA_SNAPSHOT.format(step=step),
-                            {"step": step, "ema": self.ema.state_dict(), "train_wall_s": train_wall})
-        if due_eval:
-            self._evaluate(step, train_wall)
-        if due_checkpoint and self.world.leader:
-            self._checkpoint(step, train_wall)
+        # Every rank: the samples (each draws its share) and the window's loss over the ranks.
+        samples = self._sample() if due_eval else None
+        window_loss = mean(self.loss_sum) if due_checkpoint else None
+        with leader_only() as lead:  # rank 0 writes; a failure there (a full disk) ends every rank's share
+            if lead and due_snapshot:
+                save_checkpoint(self.workdir / EMA_SNAPSHOT.format(step=step),
+                                {"step": step, "ema": self.ema.state_dict(), "train_wall_s": train_wall})
+            if lead and due_eval:
+                self._record_evaluation(step, samples, train_wall)
+            if lead and due_checkpoint:
+                self._checkpoint(step, train_wall, window_loss)
         spent = time.perf_counter() - t0
         self.paused += spent
         self.window_paused += spent
 
-    def _evaluate(self, step: int, train_wall: float) -> None:
+    def _sample(self) -> torch.Tensor:
         s = self.settings
         samples, _ = sample_images(self.ema, s.eval_samples, image_size=self.dataset.image_size,
                                    steps=s.sample_steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
                                    precision=self.precision, seed=self.seed, batch_size=s.batch_size,
                                    device=self.device, world=self.world)
-        if not self.world.leader:
-            return
+        return samples
+
+    def _record_evaluation(self, step: int, samples: torch.Tensor, train_wall: float) -> None:
         save_grid(samples, self.workdir / f"samples_step{step:07d}.png")
         metrics = self.evaluate(self.ema, samples, step) if self.evaluate is not None else {}
         self.evals.append({"step": step, "train_loss": self.last_loss, "train_wall_s": train_wall,
                            **{k: _plain(v) for k, v in metrics.items()}})
 
-    def _checkpoint(self, step: int, train_wall: float) -> None:
+    def _checkpoint(self, step: int, train_wall: float, window_loss: torch.Tensor) -> None:
+        """``window_loss``: the log window's loss sum so far, averaged over the ranks (each
+        rank's is its share's), which every rank of a resumed run starts from."""
         save_checkpoint(self.path, {
             "step": step, "seed": self.seed, "batch_size": self.settings.batch_size,
             "settings": asdict(self.settings), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": _rng_state(self.device),
             "data": self.batches.state(),
-            "window": {"loss_sum": self.loss_sum.cpu(), "steps": self.window_steps},
+            "window": {"loss_sum": window_loss.cpu(), "steps": self.window_steps},
             "log": self.log, "evals": self.evals, "train_wall_s": train_wall,
         })
 

@@ -27,8 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(n: int, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    # A rank left waiting in a collective would show here as a timeout, not as a long wait.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ABLATE_DDP_TIMEOUT_MIN": "20",
+           **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
@@ -73,6 +75,16 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, single):
     # Rank 0 alone wrote: one checkpoint, the step-3 snapshot and two sample grids, no temporary files.
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "checkpoint.pt", "ema_step0000003.pt", "result.pt", "samples_step0000003.png", "samples_step0000006.png"]
+
+
+def test_the_compiled_step_around_ddp_trains_what_one_process_trains(tmp_path, single):
+    """The CUDA default (forward + loss compiled, calling the DDP-wrapped model: dynamo splits
+    the graph at DDP's gradient buckets), captured by dynamo and run by aot_eager here."""
+    r = torchrun(2, WORKER, "train", tmp_path / "run", 6, "compiled")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, ref = single
+    got = state(tmp_path / "run")
+    assert max_diff(got["model"], ref["model"]) < 1e-5 and max_diff(got["ema"], ref["ema"]) < 1e-5
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one(tmp_path, single):
@@ -139,7 +151,9 @@ def test_torchrun_ablate_run_fills_the_table_of_one_process(tmp_path):
 
 def test_a_failure_on_one_rank_is_recorded_and_stops_the_run(tmp_path):
     grid = write_grid(tmp_path, extra="rank_fault, ")
-    r = torchrun(2, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress")
+    # Rank 0 waits for rank 1 in a collective until the timeout (20 s here), then both report.
+    r = torchrun(2, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress",
+                 env={"ABLATE_DDP_TIMEOUT_MIN": "0.33"})
     assert r.returncode != 0
     # One line from the leader; the failing rank's own traceback is printed too (a DDP
     # failure is debugged from it), and torchrun reports the exit codes.
@@ -179,3 +193,35 @@ def test_a_submitit_task_runs_its_cell_under_torchrun(tmp_path):
     assert list(rows["status"]) == ["ok"] and list(rows["train_ranks"]) == [2]
     logs = "".join(p.read_text() for p in (tmp_path / "r" / "slurm").glob("*_log.out"))
     assert "--nproc_per_node=2" in logs and "--cell" in logs
+
+
+def test_a_failure_of_rank_0_alone_ends_every_rank_at_once(tmp_path):
+    """Rank 0 fails where it works alone (a full disk as it writes): the others, waiting for
+    it, leave too; nothing waits for a collective's timeout."""
+    grid = write_grid(tmp_path, extra="rank_fault, ")
+    r = torchrun(2, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress", timeout=240,
+                 env={"ABLATE_RANK_FAULT": "leader"})
+    assert r.returncode != 0
+    assert "rank_fault: rank 0 of 2: OSError: [Errno 28] No space left on device;" in r.stderr, r.stderr[-3000:]
+
+
+def test_rank_0_failing_to_write_in_training_ends_the_run_at_once(tmp_path):
+    """The train measurement's own leader-only writes: a sample grid that cannot be written."""
+    from ablate.cell import measurement_key
+    from ablate.grid import load_grid
+
+    grid = write_grid(tmp_path)
+    config = load_grid(grid).cells[0]
+    (tmp_path / "r" / "work" / measurement_key(config, "train") / "samples_step0000003.png").mkdir(parents=True)
+    r = torchrun(2, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress", timeout=240)
+    assert r.returncode != 0
+    assert "adaln-zero seed=0: train: rank 0 of 2: IsADirectoryError" in r.stderr, r.stderr[-3000:]
+
+
+def test_a_batch_that_does_not_divide_over_the_ranks_is_refused_before_anything_runs(tmp_path):
+    grid = write_grid(tmp_path)
+    r = torchrun(3, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert lines == [f"error: {grid}: train.batch_size: 16 does not divide over 3 ranks (each trains an equal "
+                     "share of the global batch); use a multiple of 3 (torchrun --nproc_per_node)"], r.stderr
+    assert not (tmp_path / "r").exists()

@@ -54,7 +54,7 @@ def fid(cell, progress: bool = True) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from ..distributed import world
+    from ..distributed import leader_only, world
     from ..quality.extractors import get_extractor
     from ..quality.metrics import quality
     from ..quality.sources import from_dataset, from_samples
@@ -72,9 +72,10 @@ def fid(cell, progress: bool = True) -> dict:
         states = {last: states[last]}
     # Under torchrun every rank draws its share of the samples; rank 0 alone scores them.
     w = world()
-    if w.leader:
-        extractor = get_extractor(s.extractor, cell.config["data"], progress=progress)
-        reference = from_dataset(cell.config["data"])
+    with leader_only() as lead:
+        if lead:
+            extractor = get_extractor(s.extractor, cell.config["data"], progress=progress)
+            reference = from_dataset(cell.config["data"])
     precision = train.metrics.get("train_precision", "fp32")
     model = cell.build_model()
     image_size = cell.dataset.image_size
@@ -89,10 +90,11 @@ def fid(cell, progress: bool = True) -> dict:
         samples, _ = sample_images(model, s.samples, image_size=image_size, steps=s.sample_steps, sampler=s.sampler,
                                    cfg_scale=s.cfg_scale, precision=precision, seed=s.seed,
                                    batch_size=s.batch_size, device=cell.device, compile=compile, world=w)
-        if not w.leader:
-            continue
-        scores = quality(from_samples(samples), reference, extractor, batch_size=s.batch_size, device=cell.device)
-        over_steps.append({"step": step, **scores})
+        with leader_only() as lead:
+            if lead:
+                scores = quality(from_samples(samples), reference, extractor, batch_size=s.batch_size,
+                                 device=cell.device)
+                over_steps.append({"step": step, **scores})
         del samples
     if cell.device.type == "cuda":
         torch.cuda.empty_cache()

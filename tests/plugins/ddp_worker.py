@@ -28,9 +28,14 @@ def main(mode: str, *args: str) -> None:
     try:
         if mode == "train":
             workdir, steps = Path(args[0]), int(args[1])
+            compiled = len(args) > 2 and args[2] == "compiled"
+            if compiled:  # the CUDA default (a compiled step around DDP), traced by aot_eager on the CPU
+                import ablate.step
+
+                ablate.step.BACKEND = "aot_eager"
             data = build_dataset({"name": "digits", "image_size": 16}).subset(100)
-            out = train(model(), data, TrainSettings(steps=steps, **SETTINGS), workdir=workdir, seed=0,
-                        device="cpu", progress=False)
+            out = train(model(), data, TrainSettings(steps=steps, compile=compiled, **SETTINGS), workdir=workdir,
+                        seed=0, device="cpu", progress=False)
             if w.leader:
                 torch.save({"ranks": out["train_ranks"], "log": out["log"]}, workdir / "result.pt")
         elif mode == "sample":
