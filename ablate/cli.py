@@ -24,9 +24,10 @@ def _follower() -> bool:
     from .distributed import from_env
 
     try:
-        return not from_env().leader
+        w = from_env()
     except ValueError:
         return False
+    return w.distributed and not w.leader
 
 
 def _load(grid_arg: str | None):

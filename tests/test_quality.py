@@ -44,6 +44,17 @@ def test_domain_extractor_is_accurate_and_cached(domain):
     assert domain.label.startswith("domain-digits16-v1-")
 
 
+def test_a_cut_short_cached_extractor_is_set_aside_and_trained_again(domain, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path))
+    cut = tmp_path / "extractors" / Path(domain.weights).name
+    cut.parent.mkdir()
+    cut.write_bytes(Path(domain.weights).read_bytes()[:1000])  # a copy killed mid-write
+    again = E.get_extractor("domain", DIGITS16)
+    assert "unreadable cached extractor" in capsys.readouterr().err
+    assert (cut.parent / (cut.name + ".corrupt")).stat().st_size == 1000
+    assert again.info["accuracy"] >= 0.97 and Path(again.weights) == cut and cut.stat().st_size > 1000
+
+
 def halves(n: int, seed: int = 0) -> tuple[ImageSource, ImageSource]:
     data = build_dataset(DIGITS16)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))

@@ -348,7 +348,18 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
         torch.save({"config": config, "state_dict": net.state_dict(), "accuracy": accuracy, "recipe": RECIPE,
                     "dataset": {k: v for k, v in cfg.items() if k != "root"}}, tmp)
         os.replace(tmp, path)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  -- a file cut short (a full disk, a killed copy): train it again
+        import sys
+
+        from ..settings import one_line
+
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        print(f"warning: {path}: unreadable cached extractor ({one_line(e, with_type=True)[:160]}); kept as "
+              f"{aside.name}, training it again", file=sys.stderr, flush=True)
+        return domain(dataset_cfg, progress=progress)
     digest = file_digest(path)
     label = f"domain-{tag}-v{RECIPE_VERSION}-{digest[:8]}"
     return Extractor("domain", register_domain_extractor(), path, label, digest, saved["config"]["channels"],
