@@ -158,6 +158,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
         ranks = from_env()
     except ValueError as e:
         _fail(str(e))
+    device = None  # under torchrun: the grid's device setting, which picks the backend
     if ranks.distributed:
         from . import distributed
 
@@ -167,13 +168,13 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
             distributed.timeout_min()
         except ValueError as e:
             _fail(str(e))
-        _grid_device(g)
+        device = _grid_device(g)
         problem = distributed.rank_problems([c for c in g.cells if not only or cell_id(c) in only], ranks.size)
         if problem:
             _fail(f"{g.path}: {problem} (torchrun --nproc_per_node)")
         if not ranks.leader:  # a follower: trains its share of what rank 0 sends (ablate.distributed)
             if not dry_run:
-                sys.exit(_follow(g))
+                sys.exit(_follow(device))
             return
     store = _open_store(_results_dir(results, g.name), set_aside=not dry_run)
     if dry_run:
@@ -229,7 +230,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
     from .runner import RunStopped
 
     try:
-        with _ranks(g):
+        with _ranks(device):
             summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s, only=only,
                                report=None if progress else _log_line)
     except KeyboardInterrupt:  # 130, as a shell reports SIGINT: not 1, which means a failed cell
@@ -271,10 +272,10 @@ def _grid_device(g) -> str:
     return devices.pop() if devices else "auto"
 
 
-def _follow(g) -> int:
+def _follow(device: str) -> int:
     from . import distributed
 
-    distributed.init(_grid_device(g))
+    distributed.init(device)
     try:
         return distributed.follow()
     finally:
@@ -282,17 +283,17 @@ def _follow(g) -> int:
 
 
 class _ranks:
-    """Under torchrun, the leader's side: join the process group, and let the followers go
-    when the grid is done (or stopped)."""
+    """Under torchrun (``device``: the grid's, else None), the leader's side: join the process
+    group, and let the followers go when the grid is done (or stopped)."""
 
-    def __init__(self, g):
-        self.g = g
+    def __init__(self, device: str | None):
+        self.device = device
 
     def __enter__(self):
         from . import distributed
 
-        if distributed.from_env().distributed:
-            distributed.init(_grid_device(self.g))
+        if self.device is not None:
+            distributed.init(self.device)
         return self
 
     def __exit__(self, exc_type, exc, tb):

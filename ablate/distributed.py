@@ -162,10 +162,14 @@ def close() -> None:
 def all_gather(obj):
     """Every rank's ``obj`` (picklable, on the CPU), in rank order, on every rank; a
     collective of the work (the training group's timeout)."""
+    return _gather(obj)
+
+
+def _gather(obj, group=None) -> list:
     if not _WORLD.distributed:
         return [obj]
     out = [None] * _WORLD.size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -270,9 +274,7 @@ def follow() -> int:
 def _statuses(status):
     """Every rank's outcome of a measurement, over the orders group (a rank that failed
     early waits here for the others however long their share takes)."""
-    out = [None] * _WORLD.size
-    dist.all_gather_object(out, status, group=_ORDERS)
-    return out
+    return _gather(status, _ORDERS)
 
 
 def _status(err: BaseException | None) -> tuple[bool, str] | None:

@@ -53,3 +53,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable file to ``NAME.corrupt`` (``.corrupt1``, ... if taken), keeping it
+    for a person to look at; returns the new path. Raises what the rename raises
+    (FileNotFoundError: another process moved it first)."""
+    aside, n = path.with_name(path.name + ".corrupt"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+    os.rename(path, aside)
+    return aside

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
-from .files import write_atomic, write_json  # noqa: F401  -- write_json: re-exported
+from .files import set_aside, write_atomic, write_json  # noqa: F401  -- write_json: re-exported
 
 
 class StoreError(OSError):
@@ -138,12 +138,8 @@ class Store:
         if not self.set_aside:
             warn(f"{path}: unreadable ({problem}); counted as missing (`ablate run` keeps it aside and {what})")
             return
-        aside = path.with_name(path.name + ".corrupt")
-        n = 1
-        while aside.exists():
-            aside, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
         try:
-            os.rename(path, aside)
+            aside = set_aside(path)
         except FileNotFoundError:
             return  # another runner moved it aside first
         except OSError as e:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from .diffusion import LOSSES, SAMPLERS, create_diffusion
 from .distributed import World, all_gather, leader_only, mean, world as current_world
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import precision_context, resolve_precision, synchronize
-from .files import replace_with
+from .files import replace_with, set_aside
 from .settings import ConfigError, choice, one_line, positive
 from .step import (TrainStep, check_compile, compiled, make_optimizer, peak_memory_mb,  # noqa: F401
                    reset_peak_memory, resolve_compile, train_step, trainable, update_ema)
@@ -231,19 +230,18 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_or_set_aside(path: Path, set_aside: bool = True) -> dict | None:
+def _load_or_set_aside(path: Path, move: bool = True) -> dict | None:
     """The checkpoint, or None if there is none or it cannot be read: a corrupt one (a
-    full disk, a copy cut short) is renamed ``*.corrupt`` (by rank 0 alone, ``set_aside``),
+    full disk, a copy cut short) is renamed ``*.corrupt`` (by rank 0 alone: ``move``),
     said so, and training starts over."""
     if not path.exists():
         return None
     try:
         return load_checkpoint(path)
     except Exception as e:  # noqa: BLE001  -- torch raises many kinds for a damaged file
-        if not set_aside:
+        if not move:
             return None
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
+        aside = set_aside(path)
         print(f"warning: {path}: unreadable checkpoint ({one_line(e, with_type=True)[:200]}); kept as "
               f"{aside.name}, training starts over", file=sys.stderr, flush=True)
         return None
@@ -334,7 +332,7 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device)
         self.window_steps = 0
         data_rng = torch.Generator().manual_seed(seed)
-        ck = _load_or_set_aside(self.path, set_aside=self.world.leader)
+        ck = _load_or_set_aside(self.path, move=self.world.leader)
         steps = all_gather(None if ck is None else ck["step"])
         if len(set(steps)) > 1:  # a checkpoint replaced while the ranks read it
             raise RuntimeError(f"{self.path}: the ranks read different checkpoints (steps {steps}); run again")

@@ -355,8 +355,9 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
 
         from ..settings import one_line
 
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
+        from ..files import set_aside
+
+        aside = set_aside(path)
         print(f"warning: {path}: unreadable cached extractor ({one_line(e, with_type=True)[:160]}); kept as "
               f"{aside.name}, training it again", file=sys.stderr, flush=True)
         return domain(dataset_cfg, progress=progress)
