@@ -169,7 +169,12 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
         except ValueError as e:
             _fail(str(e))
         device = _grid_device(g)
-        problem = distributed.rank_problems([c for c in g.cells if not only or cell_id(c) in only], ranks.size)
+        # Every rank reads the folder alike, quietly (rank 0's run reports unreadable records).
+        from .store import Store
+
+        done = _trained(Store(_results_dir(results, g.name), set_aside=False, report=False))
+        problem = distributed.rank_problems([c for c in g.cells if not only or cell_id(c) in only], ranks.size,
+                                            done)
         if problem:
             _fail(f"{g.path}: {problem} (torchrun --nproc_per_node)")
         if not ranks.leader:  # a follower: trains its share of what rank 0 sends (ablate.distributed)
@@ -214,7 +219,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
             _fail("--launcher submitit: needs submitit (pip install 'ablate[slurm]')")
         from .distributed import rank_problems
 
-        problem = rank_problems(g.cells, ranks_per_task or max(1, gpus_per_node))
+        problem = rank_problems(g.cells, ranks_per_task or max(1, gpus_per_node), _trained(store))
         if problem:
             _fail(f"{g.path}: {problem} (--ranks-per-task, or --gpus-per-node)")
         code = main_submit(g, store.root, wait_for_jobs=not detach, progress=progress, cluster=cluster,
@@ -306,6 +311,13 @@ class _ranks:
             distributed.stop_followers()
             distributed.close()
         return False
+
+
+def _trained(store):
+    """Whether a cell's training is measured already (ok) in ``store``: it trains no more."""
+    from .runner import measurement_key
+
+    return lambda config: (store.result(measurement_key(config, "train")) or {}).get("status") == "ok"
 
 
 def _open_store(root, set_aside: bool = True):

@@ -18,8 +18,8 @@ How the work is shared, so that N ranks compute what one process would:
   gradients into the global batch's. Checkpoints hold no rank state: one written by N ranks
   resumes on M (tested: 2 ranks, then 1, give one process's weights).
 - sampling (evaluation, FID): rank r computes sample batches r, r + N, ... and replays the
-  random draws of the others, then the batches are gathered: the images are exactly one
-  process's, for any N.
+  random draws of the others, then rank 0 gathers the batches: its images are exactly one
+  process's, for any N (the other ranks keep none: rank 0 alone writes and scores them).
 - what rank 0 does alone (writing checkpoints and samples, scoring FID) is a
   ``leader_only()`` section: the others wait for its outcome, so a failure there (a full
   disk) ends every rank's share at once instead of leaving them in a collective.
@@ -135,15 +135,17 @@ def timeout_min() -> float:
     return minutes
 
 
-def rank_problems(cells: list[dict], ranks: int) -> str | None:
+def rank_problems(cells: list[dict], ranks: int, trained=lambda config: False) -> str | None:
     """Why ``cells`` cannot train over ``ranks`` processes (a global batch that does not divide),
-    or None; checked before anything runs, so that a launch does not fail cell by cell."""
+    or None; checked before anything runs, so that a launch does not fail cell by cell.
+    ``trained(config)``: whether the cell's training is done already (sampling for FID over
+    any number of ranks needs no division), so its batch is not checked."""
     from .measure import MEASURES
 
     if ranks <= 1:
         return None
     for config in cells:
-        if "train" not in config["measure"]:
+        if "train" not in config["measure"] or trained(config):
             continue
         batch = MEASURES.get("train").settings(**config.get("train") or {}).batch_size
         if batch % ranks:
@@ -163,6 +165,16 @@ def all_gather(obj):
     """Every rank's ``obj`` (picklable, on the CPU), in rank order, on every rank; a
     collective of the work (the training group's timeout)."""
     return _gather(obj)
+
+
+def gather_to_leader(obj) -> list | None:
+    """Every rank's ``obj`` (picklable, on the CPU), in rank order, on rank 0; None on the
+    others (what only rank 0 uses, samples it scores, is not copied to every rank)."""
+    if not _WORLD.distributed:
+        return [obj]
+    out = [None] * _WORLD.size if _WORLD.leader else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def _gather(obj, group=None) -> list:

@@ -89,10 +89,11 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 
 class Store:
-    def __init__(self, root: str | Path, *, set_aside: bool = True):
+    def __init__(self, root: str | Path, *, set_aside: bool = True, report: bool = True):
         self.root = Path(root)
-        # Rename unreadable records to *.corrupt (run); only report them (table, dry run).
-        self.set_aside = set_aside
+        # Rename unreadable records to *.corrupt (run); only report them (table, dry run), or
+        # not even that (report=False: a torchrun follower's look, rank 0 reports).
+        self.set_aside, self.report = set_aside, report
         self._reported: set[Path] = set()
 
     def check(self) -> None:
@@ -136,7 +137,8 @@ class Store:
             return
         self._reported.add(path)
         if not self.set_aside:
-            warn(f"{path}: unreadable ({problem}); counted as missing (`ablate run` keeps it aside and {what})")
+            if self.report:
+                warn(f"{path}: unreadable ({problem}); counted as missing (`ablate run` keeps it aside and {what})")
             return
         try:
             aside = set_aside(path)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion import LOSSES, SAMPLERS, create_diffusion
-from .distributed import World, all_gather, leader_only, mean, world as current_world
+from .distributed import World, all_gather, gather_to_leader, leader_only, mean, world as current_world
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import precision_context, resolve_precision, synchronize
 from .files import replace_with, set_aside
@@ -88,22 +88,30 @@ class TrainSettings:
 def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50, sampler: str = "ddpm",
                   cfg_scale: float = 1.0, precision: str = "fp32", seed: int = 0,
                   batch_size: int = 64, device: torch.device | str = "cpu", compile: bool = False,
-                  compile_mode: str = "default", world: World | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  compile_mode: str = "default", world: World | None = None,
+                  uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` samples from a (EMA) DiT with labels cycling 0, 1, ..., num_classes-1, 0, ...
 
     Returns (samples (n, C, H, W) clamped to [-1, 1], labels (n,)), both on ``device``.
     The noise comes from a generator seeded with ``seed``, so the same seed gives the same
     starting noise at every evaluation and grids over training steps are comparable.
 
+    ``uint8``: each batch is quantised as it is made to the uint8 image that FID scores (the
+    same numbers as quantising at the end, in a quarter of the memory) and kept on the CPU,
+    where the scoring reads it (50K images at 256 px would hold 9.8 GB of a GPU).
+
     ``world`` (every rank of a torchrun launch calls this): rank r computes batches r, r + N,
     ...; for the others it only replays their random draws (the sampler run with a denoiser
     that returns zeros: elementwise work, no network), so its generator is where one
-    process's would be, and the gathered samples are exactly one process's.
+    process's would be. Rank 0 gathers the batches (exactly one process's samples); the
+    other ranks get no samples back (an empty batch), only rank 0 writes and scores them.
 
     ``compile``: the denoising network (with guidance) is compiled for one batch shape;
     the last batch is padded to ``batch_size`` (so its noise, drawn for the padded batch,
     differs from the eager path's), and a compile pays only for thousands of images.
     """
+    from .quality.extractors import to_uint8 as quantised
+
     device = torch.device(device)
     if cfg_scale != 1.0 and model.y_embedder.dropout_prob <= 0:
         raise ValueError("cfg_scale != 1 needs a model trained with class dropout (a null class)")
@@ -136,11 +144,16 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
                                      {"y": y2, "cfg_scale": cfg_scale}, sampler=sampler,
                                      noise=torch.cat([z, z]), generator=generator)[: len(y)]
         if mine:
-            out[i] = x[:real].float().clamp_(-1, 1)
+            x = x[:real].float().clamp_(-1, 1)
+            out[i] = quantised(x).cpu() if uint8 else x
     model.train(was_training)
     if world.distributed:
-        shares = all_gather({i: x.cpu() for i, x in out.items()})
-        out = {i: x.to(device) for share in shares for i, x in share.items()}
+        home = torch.device("cpu") if uint8 else device
+        shares = gather_to_leader({i: x.cpu() for i, x in out.items()})
+        if shares is None:  # not rank 0: nothing of the samples is kept here
+            return torch.empty(0, model.in_channels, image_size, image_size,
+                               dtype=torch.uint8 if uint8 else torch.float32, device=home), labels
+        out = {i: x.to(home) for share in shares for i, x in share.items()}
     return torch.cat([out[i] for i in sorted(out)]), labels
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ablate.data import build_dataset
+from ablate.quality.extractors import to_uint8
 from ablate.train import TrainSettings, sample_images, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))
@@ -103,10 +104,20 @@ def test_sampling_split_over_ranks_draws_the_same_images(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     torch.set_num_threads(1)
     x, _ = sample_images(ddp_worker.model(), 21, image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4)
-    got = torch.load(tmp_path / "x.pt")
+    saved = torch.load(tmp_path / "x.pt")
+    got = saved["x"]
     assert got.shape == x.shape == (21, 1, 16, 16)
     assert (got - x).abs().max().item() < 1e-5
     assert (x[0] - x[4]).abs().max().item() > 0.1  # batches do get different noise
+    # Quantised batch by batch on the ranks: the uint8 images of the float samples (a float
+    # ulp apart can round to a neighbouring level: allow one level on a few pixels).
+    q = saved["uint8"]
+    assert q.dtype == torch.uint8 and q.shape == x.shape
+    one, _ = sample_images(ddp_worker.model(), 21, image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4,
+                           uint8=True)
+    assert torch.equal(one, to_uint8(x))  # in one process: exactly the end's quantisation
+    diff = (q.int() - to_uint8(x).int()).abs()
+    assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 1e-3
 
 
 GRID = """
@@ -147,6 +158,22 @@ def test_torchrun_ablate_run_fills_the_table_of_one_process(tmp_path):
     assert (b["train_ranks"] == 2).all() and (a["train_ranks"] == 1).all()
     # The leader alone printed the table.
     assert two.stdout.count("| DiT-T/4") == 2, two.stdout
+
+    # Trained already, FID still to measure: 3 ranks sample it although the batch of 16 does
+    # not divide by 3 (only training needs that), and score what one process scored.
+    import shutil
+
+    from ablate.cell import measurement_key
+    from ablate.grid import load_grid
+
+    shutil.copytree(tmp_path / "one", tmp_path / "three")
+    for config in load_grid(grid).cells:
+        (tmp_path / "three" / "measurements" / f"{measurement_key(config, 'fid')}.json").unlink()
+    three = torchrun(3, "-m", "ablate", "run", grid, "--results", tmp_path / "three", "--no-progress")
+    assert three.returncode == 0, three.stderr[-3000:]
+    c = pd.read_csv(tmp_path / "three" / "table.csv").set_index("block")
+    for col in ("fid", "kid_mean", "final_loss"):
+        assert c[col].to_numpy() == pytest.approx(a[col].to_numpy(), rel=1e-4), col
 
 
 def test_a_failure_on_one_rank_is_recorded_and_stops_the_run(tmp_path):

@@ -264,6 +264,7 @@ def test_ablate_fid_folder_against_dataset(tmp_path, domain):
      "unknown feature extractor 'incepton' (did you mean 'inception'?)"),
     (["digitz", "digits"], "'digitz' is neither a folder nor a dataset (did you mean 'digits'?)"),
     (["digits", "digits", "--samples", "1"], "--samples: 1 must be >= 2"),
+    (["imagefolder", "digits"], "here give the folder itself"),
     (["EMPTY", "digits"], "no images"),
 ])
 def test_ablate_fid_bad_input_is_one_line(tmp_path, args, message):

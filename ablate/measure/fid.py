@@ -89,7 +89,8 @@ def fid(cell, progress: bool = True) -> dict:
         model.load_state_dict(load_ema(path)[1])
         samples, _ = sample_images(model, s.samples, image_size=image_size, steps=s.sample_steps, sampler=s.sampler,
                                    cfg_scale=s.cfg_scale, precision=precision, seed=s.seed,
-                                   batch_size=s.batch_size, device=cell.device, compile=compile, world=w)
+                                   batch_size=s.batch_size, device=cell.device, compile=compile, world=w,
+                                   uint8=True)
         with leader_only() as lead:
             if lead:
                 scores = quality(from_samples(samples), reference, extractor, batch_size=s.batch_size,

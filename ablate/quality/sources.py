@@ -110,6 +110,9 @@ def open_source(text: str, *, image_size: int | None = None, samples: int | None
             keep = torch.randperm(len(src), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
             src = ImageSource(src.images[keep], src.label.rsplit(" n=", 1)[0] + f" n={samples}")
         return src
+    if text == "imagefolder":  # the dataset of a folder given in a grid; here the folder is the input
+        raise SourceError("'imagefolder' is the dataset of a folder of images in a grid file: here give the "
+                          "folder itself (ablate fid samples/ path/to/images/)")
     if text in DATASETS:
         cfg = {"name": text} if image_size is None else {"name": text, "image_size": image_size}
         return from_dataset(cfg, samples, seed)

@@ -39,11 +39,13 @@ def main(mode: str, *args: str) -> None:
             if w.leader:
                 torch.save({"ranks": out["train_ranks"], "log": out["log"]}, workdir / "result.pt")
         elif mode == "sample":
-            x, y = sample_images(model(), 21, image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4,
-                                 world=w)
-            assert len(x) == 21 and (y == torch.arange(21) % 10).all()
+            kw = dict(image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4, world=w)
+            x, y = sample_images(model(), 21, **kw)
+            q, _ = sample_images(model(), 21, uint8=True, **kw)  # what the fid measurement gathers
+            assert (y == torch.arange(21) % 10).all()
+            assert len(x) == len(q) == (21 if w.leader else 0)  # only rank 0 keeps the samples
             if w.leader:
-                torch.save(x, args[0])
+                torch.save({"x": x, "uint8": q}, args[0])
     finally:
         distributed.close()
 
