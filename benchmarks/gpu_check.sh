@@ -16,6 +16,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~1-2 min)
+#   ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,timing_grid bash benchmarks/gpu_check.sh   # only these
+# (section names: the table names above without .md, e.g. train_XL2, sample_XL2, train_digits_torchrun)
 set -u
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -47,9 +49,13 @@ PY=python3
 cat "$OUT/env.txt"
 
 # section NAME CAP_S CMD...: run CMD with at most CAP_S seconds, and never past the budget.
+SECTIONS=${ABLATE_GPU_CHECK_SECTIONS:-}
 section() {
   local name=$1 cap=$2
   shift 2
+  if [ -n "$SECTIONS" ] && [[ ",$SECTIONS," != *",$name,"* ]]; then
+    return  # not chosen
+  fi
   local left=$((BUDGET - ($(date +%s) - START)))
   cap=$((cap * SLOW))
   local t=$((cap < left ? cap : left))

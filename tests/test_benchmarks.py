@@ -1,7 +1,9 @@
 """The benchmark scripts cannot rot: the official-behaviour copy computes the same loss and
-samples as ablate's diffusion, and train_throughput.py runs end to end on a tiny config."""
+samples as ablate's diffusion, train_throughput.py runs end to end on a tiny config, and so
+does every section of the GPU check."""
 import sys
 
+import pytest
 import torch
 
 from ablate.diffusion import create_diffusion
@@ -47,3 +49,42 @@ def test_train_throughput_runs_on_a_tiny_config(tmp_path, capsys):
     assert len(lines) == 2 and "DiT-T/8, training step, batch 2" in text
     img_per_s = float(lines[1].split("|")[4])
     assert img_per_s > 0
+
+
+def md_rows(path) -> list[dict]:
+    """The rows of a markdown table (tabulate's pipe or github format) as dicts of strings."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
+    """benchmarks/gpu_check.sh --tiny: every section of the GPU check, on tiny models on this
+    CPU (about 2 minutes), so the script a GPU session runs once cannot rot unseen."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "ABLATE_COMPILE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    sections = [line.split(":")[0] for line in summary if ": exit" in line]
+    assert sections == ["train_S2", "train_S2_cached", "train_XL2", "sample_XL2", "train_digits", "train_S2_extra",
+                        "timing_grid", "train_digits_torchrun"], summary
+    assert all(": exit 0 " in line for line in summary if ": exit" in line), summary
+    # The training step's rows, ablate's and the official copy's, measured side by side.
+    assert [row["row"] for row in md_rows(out / "train_S2.md")] == ["official-tf32", "official-bf16", "plain",
+                                                                    "default"]
+    assert all(float(row["img_per_s"]) > 0 for row in md_rows(out / "train_XL2.md"))
+    grid = md_rows(out / "timing_grid.md")
+    assert [(row["block"], row["status"]) for row in grid] == [
+        ("adaln-zero", "ok"), ("adaln", "ok"), ("cross-attn", "ok"), ("in-context", "ok")]
+    # The short training run learns, and the same grid under torchrun (2 gloo ranks here,
+    # DDP) ends at one process's loss.
+    one, = md_rows(out / "train_digits.md")
+    two, = md_rows(out / "train_digits_torchrun.md")
+    assert float(one["final_loss"]) < float(one["loss_start"])
+    assert two["train_ranks"] == "2"
+    assert float(two["final_loss"]) == pytest.approx(float(one["final_loss"]), rel=2e-3)  # 4 digits printed

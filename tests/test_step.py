@@ -13,6 +13,7 @@ import torch
 
 import ablate.step as step_mod
 from ablate.diffusion import create_diffusion
+from ablate.precision import precision_context
 from ablate.settings import ConfigError, parse
 from ablate.step import TrainStep, make_optimizer, resolve_compile, train_step, trainable, update_ema
 from ablate.train import TrainSettings, sample_images
@@ -146,3 +147,22 @@ def test_compiled_sampling_pads_to_one_shape_and_matches_eager(aot_eager):
     c, lc = sample_images(model, 6, compile=True, **kw)  # a padded last batch: 6 images come back
     assert c.shape == (6, 4, 8, 8) and torch.equal(lc, torch.arange(6)) and torch.allclose(c[:4], a[:4], atol=1e-5)
 
+
+
+def test_the_compiled_step_and_sampler_are_each_one_graph():
+    """What ``compile`` compiles is traced whole: forward + hybrid loss of the training step,
+    and the guided denoiser of sampling, are one graph each with no graph break (a break,
+    say a ``.item()`` in the loss, would split the fusions silently)."""
+    model = tiny_dit(hidden_size=32, depth=2, num_heads=2)
+    step = TrainStep(model, create_diffusion(None, learn_sigma=True), precision="bf16", lr=LR)
+    x, y = batch()
+    t, noise, drop = step.draw(x)
+    with precision_context(x.device, "bf16"):
+        train = torch._dynamo.explain(step.loss)(x, t, noise, y, drop)
+        model.eval()
+        guided = torch._dynamo.explain(model.forward_with_cfg)(
+            torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, model.num_classes)]),
+            cfg_scale=1.5)
+    assert (train.graph_count, train.graph_break_count) == (1, 0), train.break_reasons
+    assert (guided.graph_count, guided.graph_break_count) == (1, 0), guided.break_reasons
+    assert train.op_count > guided.op_count  # the loss and its terms are in the graph too
