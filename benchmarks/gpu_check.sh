@@ -10,9 +10,15 @@
 #                        checkpointing (peak memory) beside plain
 #   c  timing_grid.md    `ablate run`: the four blocks at DiT-S/2 and DiT-XL/2, eager, 5 repeats
 #   f  train_digits_torchrun.md  d's grid under torchrun, one rank per GPU (DDP over nccl)
+#   g  train_XL2_attention.md    DiT-XL/2 batch 64, eager: PyTorch's attention choice against
+#                        FlashAttention, cuDNN and memory-efficient attention forced (head size 72)
+#   h  sample_XL2_extra.md       b's sampling, compiled, against compiled with CUDA graphs
 # Compiles (about 40-50 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 1.
-# Expected on an H100: a1 ~70 s, a2 ~25 s, a3 ~90 s, b ~60 s, d ~70 s, c ~70 s, e ~60 s:
-# the default budget reaches d; ABLATE_GPU_CHECK_BUDGET=450 runs e and c too.
+# Expected on an H100: a1 ~70 s, a2 ~25 s, a3 ~90 s, b ~60 s, d ~70 s, c ~70 s, e ~60 s
+# (g ~40 s and h ~70 s: estimates, never run): the default budget reaches d;
+# ABLATE_GPU_CHECK_BUDGET=450 runs e and c too. Sections already measured can be left out:
+#   ABLATE_GPU_CHECK_BUDGET=420 ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,train_XL2_attention,\
+#     sample_XL2_extra,timing_grid,train_digits_torchrun bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~1-2 min)
@@ -82,6 +88,7 @@ if [ "$TINY" = 1 ]; then
   TRAIN="model: DiT-T/8, data: {name: digits, image_size: 16}, device: $DEV"
   TRAIN_S="{steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: 0.99, log_every: 10, eval_samples: 16, sample_steps: 5}"
   EXTRA_ROWS=plain,checkpointing
+  ATTENTION_ROWS=plain,plain-flash
 else
   S=(--model DiT-S/2 --batch 256 --steps 20 --warmup 3 --device cuda)
   XL=(--model DiT-XL/2 --batch 64 --steps 10 --warmup 3 --device cuda)
@@ -90,6 +97,7 @@ else
   TRAIN="model: DiT-S/2, data: {name: digits, image_size: 32}, device: cuda"
   TRAIN_S="{steps: 300, batch_size: 256, lr: 5.0e-4, ema_decay: 0.99, log_every: 50, eval_samples: 64, sample_steps: 50}"
   EXTRA_ROWS=reduce-overhead,plain,checkpointing
+  ATTENTION_ROWS=plain,plain-flash,plain-cudnn,plain-efficient
 fi
 
 # (a) training step tables
@@ -153,6 +161,13 @@ run_ddp() {
 }
 export -f run_ddp
 section train_digits_torchrun 110 bash -c run_ddp
+
+# (g) which attention kernel DiT-XL/2 (head size 72) is fastest with, eager
+section train_XL2_attention 60 $PY $TT "${XL[@]}" --rows "$ATTENTION_ROWS" --out "$OUT/train_XL2_attention.md"
+
+# (h) the sampler compiled with CUDA graphs beside compiled alone (b's cache: one new compile)
+section sample_XL2_extra 100 $PY $TT "${SAMPLE[@]}" --sample --sample-rows default,reduce-overhead \
+  --out "$OUT/sample_XL2_extra.md"
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
 rm -rf "$WORK"

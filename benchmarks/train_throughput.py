@@ -9,8 +9,13 @@ Training rows (``--rows``; all by default): ``official-tf32`` and ``official-bf1
 official train.py step (``benchmarks/official.py``: TF32, "+bf16" autocast around the
 loss); ``plain``, ablate's step with compile off at ``precision: auto``; ``default``,
 ablate's default step (``compile: auto``: compiled on CUDA); ``blocks``, the default with
-regional compilation (``compile_scope: blocks``); ``reduce-overhead``, compiled with CUDA graphs; ``checkpointing``, the plain step with activation checkpointing (its
-peak memory beside ``plain``'s; eager, so that it costs no compile).
+regional compilation (``compile_scope: blocks``); ``reduce-overhead``, compiled with CUDA
+graphs; ``checkpointing``, the plain step with activation checkpointing (its peak memory
+beside ``plain``'s; eager, so that it costs no compile); ``plain-flash``, ``plain-cudnn``,
+``plain-efficient``: the plain step with PyTorch's attention kernel forced to FlashAttention,
+cuDNN's or the memory-efficient one (``plain`` lets PyTorch choose; DiT-XL/2's head size
+72 is not one FlashAttention is built for, so it pads it to 96: which is fastest is
+measured, eager, so that the rows cost no compile).
 Inputs are synthetic 32x32x4 latents and 1000 classes (the paper's ImageNet-256 setting).
 
 The recipe is nanoGPT's bench: per row, a model, warm-up steps (the first one compiles;
@@ -25,7 +30,8 @@ A row that fails (out of memory) is a row with its error.
 Sampling rows (--sample): ``--images`` latents with guidance ``--cfg`` (a batch of twice
 that through ``forward_with_cfg``) and ``--sample-steps`` respaced DDPM steps: the
 official sample.py loop (TF32, and under bf16 autocast) against ablate's
-``sample_images`` (``precision: auto``, eager and compiled at its fixed batch shape).
+``sample_images`` (``precision: auto``, eager and compiled at its fixed batch shape;
+``reduce-overhead``: compiled with CUDA graphs).
 """
 from __future__ import annotations
 
@@ -51,9 +57,14 @@ from ablate.precision import resolve_precision, synchronize  # noqa: E402
 from ablate.step import TrainStep, peak_memory_mb, reset_peak_memory, resolve_compile  # noqa: E402
 from ablate.train import sample_images  # noqa: E402
 
-TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "checkpointing")
+# A plain step with one attention kernel forced (torch.nn.attention.SDPBackend's names).
+ATTENTION_ROWS = {"plain-flash": "FLASH_ATTENTION", "plain-cudnn": "CUDNN_ATTENTION",
+                  "plain-efficient": "EFFICIENT_ATTENTION"}
+TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "checkpointing",
+              *ATTENTION_ROWS)
 DEFAULT_TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default")
-SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default")
+SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default", "reduce-overhead")
+DEFAULT_SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default")
 
 
 def gflops_per_image(kwargs: dict, device: torch.device) -> tuple[float, str]:
@@ -126,6 +137,22 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
                            compile=compile_on, compile_mode="reduce-overhead" if name == "reduce-overhead" else "default",
                            compile_scope="blocks" if name == "blocks" else "step",
                            activation_checkpointing=name == "checkpointing")
+    with attention(name):
+        return timed_row(name, runner, args, x, y, device, precision, compile_on)
+
+
+def attention(row: str):
+    """The attention kernel a row forces (``ATTENTION_ROWS``), else PyTorch's own choice."""
+    import contextlib
+
+    if row not in ATTENTION_ROWS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, ATTENTION_ROWS[row]))
+
+
+def timed_row(name, runner, args, x, y, device, precision, compile_on) -> dict:
     t0 = time.perf_counter()
     loss_1 = float(runner.step(x, y))  # same seed, same draws in every row: agree to the precision
     first = time.perf_counter() - t0
@@ -140,7 +167,6 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
     row = {"row": name, "precision": precision, "compiled": compile_on, "img_per_s": args.steps * args.batch / seconds,
            "step_ms": 1e3 * seconds / args.steps, "peak_mem_gib": peak_memory_mb(device) / 1024,
            "first_step_s": first, "loss_1": loss_1}
-    del runner, model, ema
     return row
 
 
@@ -160,9 +186,12 @@ def sample_row(name: str, args, device: torch.device, auto_precision: str) -> di
         precision = auto_precision
         compile_on = name != "plain" and resolve_compile(device, args.compile)
 
+        mode = "reduce-overhead" if name == "reduce-overhead" else "default"
+
         def run(steps):
             sample_images(model, args.images, image_size=args.input_size, steps=steps, cfg_scale=args.cfg,
-                          precision=precision, batch_size=args.images, device=device, compile=compile_on)
+                          precision=precision, batch_size=args.images, device=device, compile=compile_on,
+                          compile_mode=mode)
     t0 = time.perf_counter()
     run(2)  # warm-up: kernels, the compile when compiled
     synchronize(device)
@@ -201,7 +230,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                     help="what compile: auto means for the default rows")
     ap.add_argument("--sample", action="store_true", help="the sampling table instead of the training table")
-    ap.add_argument("--sample-rows", default=",".join(SAMPLE_ROWS))
+    ap.add_argument("--sample-rows", default=",".join(DEFAULT_SAMPLE_ROWS), help=f"sampling rows: {', '.join(SAMPLE_ROWS)}")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=1.5)
