@@ -28,11 +28,27 @@ set -u
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 TINY=${ABLATE_GPU_CHECK_TINY:-0}
-[ "${1:-}" = "--tiny" ] && TINY=1
+case "${1:-}" in
+  --tiny) TINY=1 ;;
+  "") ;;
+  *) echo "error: $0: unknown argument '$1' (the only one is --tiny)" >&2; exit 2 ;;
+esac
 # A small shared CPU starts Python and torch in seconds, not the GPU box's one: --tiny
 # stretches every cap (SLOW) and the budget.
 if [ "$TINY" = 1 ]; then SLOW=3; else SLOW=1; fi
 BUDGET=${ABLATE_GPU_CHECK_BUDGET:-$((290 * SLOW))}
+SECTIONS=${ABLATE_GPU_CHECK_SECTIONS:-}
+ALL_SECTIONS="train_S2 train_S2_cached train_XL2 sample_XL2 train_digits train_S2_extra timing_grid \
+train_digits_torchrun train_XL2_attention sample_XL2_extra"
+# Bad settings: one line, exit 2, nothing written.
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+  echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds" >&2; exit 2
+fi
+for s in ${SECTIONS//,/ }; do
+  if [[ " $ALL_SECTIONS " != *" $s "* ]]; then
+    echo "error: ABLATE_GPU_CHECK_SECTIONS: no section '$s'; the sections: ${ALL_SECTIONS//  / }" >&2; exit 2
+  fi
+done
 OUT=${OUT:-/tmp/ablate-gpu-check}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/ablate-gpu-check.XXXX)  # results folders with checkpoints: not under $OUT
@@ -55,7 +71,6 @@ PY=python3
 cat "$OUT/env.txt"
 
 # section NAME CAP_S CMD...: run CMD with at most CAP_S seconds, and never past the budget.
-SECTIONS=${ABLATE_GPU_CHECK_SECTIONS:-}
 section() {
   local name=$1 cap=$2
   shift 2
