@@ -169,10 +169,9 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
         except ValueError as e:
             _fail(str(e))
         device = _grid_device(g)
-        # Every rank reads the folder alike, quietly (rank 0's run reports unreadable records).
-        from .store import Store
-
-        done = _trained(Store(_results_dir(results, g.name), set_aside=False, report=False))
+        # Every rank reads the folder alike, read-only and quietly (rank 0's run reports and
+        # sets aside unreadable records), to know which cells are still to train.
+        done = _trained(_open_store(_results_dir(results, g.name), set_aside=False, report=False))
         problem = distributed.rank_problems([c for c in g.cells if not only or cell_id(c) in only], ranks.size,
                                             done)
         if problem:
@@ -320,11 +319,11 @@ def _trained(store):
     return lambda config: (store.result(measurement_key(config, "train")) or {}).get("status") == "ok"
 
 
-def _open_store(root, set_aside: bool = True):
+def _open_store(root, set_aside: bool = True, report: bool = True):
     """The results folder, refused in one line if it is a file or links out of itself."""
     from .store import Store, StoreError
 
-    store = Store(root, set_aside=set_aside)
+    store = Store(root, set_aside=set_aside, report=report)
     try:
         store.check()
     except StoreError as e:

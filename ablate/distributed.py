@@ -84,6 +84,7 @@ class World:
 
 _WORLD = World()
 _ORDERS = None  # the gloo group the leader's orders and the statuses go through
+_OBJECTS = None  # the gloo group of the work's objects where the default group is nccl (else the default)
 
 
 def world() -> World:
@@ -105,7 +106,7 @@ def init(device_setting: str = "auto") -> World:
     """Join the process group torchrun describes (once); returns this process's World.
 
     ``device_setting`` is the grid's ``device``: a CPU grid uses gloo even on a GPU node."""
-    global _WORLD, _ORDERS
+    global _WORLD, _ORDERS, _OBJECTS
     w = from_env()
     if not w.distributed or dist.is_initialized():
         _WORLD = w
@@ -119,6 +120,9 @@ def init(device_setting: str = "auto") -> World:
     minutes = timeout_min()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
     _ORDERS = dist.new_group(backend="gloo", timeout=ORDERS_TIMEOUT)
+    # Objects of the work (gathered samples, the checkpoint step) on the CPU, with the work's
+    # timeout: through nccl they would be copied to the GPUs, rank 0's holding every rank's.
+    _OBJECTS = dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes)) if cuda else None
     _WORLD = w
     return w
 
@@ -140,6 +144,7 @@ def rank_problems(cells: list[dict], ranks: int, trained=lambda config: False) -
     or None; checked before anything runs, so that a launch does not fail cell by cell.
     ``trained(config)``: whether the cell's training is done already (sampling for FID over
     any number of ranks needs no division), so its batch is not checked."""
+    from .cell import label
     from .measure import MEASURES
 
     if ranks <= 1:
@@ -150,30 +155,31 @@ def rank_problems(cells: list[dict], ranks: int, trained=lambda config: False) -
         batch = MEASURES.get("train").settings(**config.get("train") or {}).batch_size
         if batch % ranks:
             return (f"train.batch_size: {batch} does not divide over {ranks} ranks (each trains an equal share "
-                    f"of the global batch); use a multiple of {ranks}")
+                    f"of the global batch; {label(config)} is still to train); use a multiple of {ranks}")
     return None
 
 
 def close() -> None:
-    global _WORLD, _ORDERS
+    global _WORLD, _ORDERS, _OBJECTS
     if dist.is_initialized():
         dist.destroy_process_group()
-    _WORLD, _ORDERS = World(), None
+    _WORLD, _ORDERS, _OBJECTS = World(), None, None
 
 
 def all_gather(obj):
     """Every rank's ``obj`` (picklable, on the CPU), in rank order, on every rank; a
-    collective of the work (the training group's timeout)."""
-    return _gather(obj)
+    collective of the work (its timeout), on the CPU even where the ranks train over nccl."""
+    return _gather(obj, _OBJECTS)
 
 
 def gather_to_leader(obj) -> list | None:
     """Every rank's ``obj`` (picklable, on the CPU), in rank order, on rank 0; None on the
-    others (what only rank 0 uses, samples it scores, is not copied to every rank)."""
+    others (what only rank 0 uses, samples it scores, is not copied to every rank); a
+    collective of the work, on the CPU even where the ranks train over nccl."""
     if not _WORLD.distributed:
         return [obj]
     out = [None] * _WORLD.size if _WORLD.leader else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=_OBJECTS)
     return out
 
 

@@ -92,7 +92,8 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
                   uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` samples from a (EMA) DiT with labels cycling 0, 1, ..., num_classes-1, 0, ...
 
-    Returns (samples (n, C, H, W) clamped to [-1, 1], labels (n,)), both on ``device``.
+    Returns (samples (n, C, H, W) clamped to [-1, 1], labels (n,)), both on ``device``
+    (the samples on the CPU for ``uint8``; none on the other ranks under torchrun, below).
     The noise comes from a generator seeded with ``seed``, so the same seed gives the same
     starting noise at every evaluation and grids over training steps are comparable.
 

@@ -22,17 +22,18 @@
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~1-2 min)
-#   ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,timing_grid bash benchmarks/gpu_check.sh   # only these
+#   ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,timing_grid bash benchmarks/gpu_check.sh   # only these (commas or spaces)
 # (section names: the table names above without .md, e.g. train_XL2, sample_XL2, train_digits_torchrun)
 set -u
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 TINY=${ABLATE_GPU_CHECK_TINY:-0}
-case "${1:-}" in
-  --tiny) TINY=1 ;;
-  "") ;;
-  *) echo "error: $0: unknown argument '$1' (the only one is --tiny)" >&2; exit 2 ;;
-esac
+for arg in "$@"; do
+  case "$arg" in
+    --tiny) TINY=1 ;;
+    *) echo "error: $0: unknown argument '$arg' (the only one is --tiny)" >&2; exit 2 ;;
+  esac
+done
 # A small shared CPU starts Python and torch in seconds, not the GPU box's one: --tiny
 # stretches every cap (SLOW) and the budget.
 if [ "$TINY" = 1 ]; then SLOW=3; else SLOW=1; fi
@@ -41,17 +42,35 @@ SECTIONS=${ABLATE_GPU_CHECK_SECTIONS:-}
 ALL_SECTIONS="train_S2 train_S2_cached train_XL2 sample_XL2 train_digits train_S2_extra timing_grid \
 train_digits_torchrun train_XL2_attention sample_XL2_extra"
 # Bad settings: one line, exit 2, nothing written.
-if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
-  echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds" >&2; exit 2
+if ! [[ "$BUDGET" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds above 0 (written without a leading zero)" >&2; exit 2
 fi
-for s in ${SECTIONS//,/ }; do
+# Sections: names separated by commas and/or spaces (split without glob expansion).
+IFS=', ' read -r -a CHOSEN <<< "$SECTIONS"
+for s in "${CHOSEN[@]}"; do
   if [[ " $ALL_SECTIONS " != *" $s "* ]]; then
-    echo "error: ABLATE_GPU_CHECK_SECTIONS: no section '$s'; the sections: ${ALL_SECTIONS//  / }" >&2; exit 2
+    echo "error: ABLATE_GPU_CHECK_SECTIONS: no section '$s'; the sections: $ALL_SECTIONS" >&2; exit 2
   fi
 done
+SECTIONS=" ${CHOSEN[*]} "
 OUT=${OUT:-/tmp/ablate-gpu-check}
-mkdir -p "$OUT"
+if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
+  echo "error: OUT: '$OUT' is not a folder" >&2; exit 2
+fi
+mkdir -p "$OUT" || { echo "error: OUT: cannot create '$OUT'" >&2; exit 2; }
 WORK=$(mktemp -d /tmp/ablate-gpu-check.XXXX)  # results folders with checkpoints: not under $OUT
+# Ctrl-C or a kill: stop the running section (timeout passes the signal on to its process
+# group), remove the work folder, and exit as interrupted.
+RUNNING=""
+stop() {
+  [ -n "$RUNNING" ] && kill -TERM "$RUNNING" 2>/dev/null && wait "$RUNNING" 2>/dev/null
+  rm -rf "$WORK"
+  echo "interrupted" >&2
+  exit "$1"
+}
+trap 'stop 130' INT
+trap 'stop 143' TERM
+trap 'rm -rf "$WORK"' EXIT
 export ABLATE_COMPILE_CACHE=${ABLATE_COMPILE_CACHE:-/tmp/ablate-compile-cache}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -74,7 +93,7 @@ cat "$OUT/env.txt"
 section() {
   local name=$1 cap=$2
   shift 2
-  if [ -n "$SECTIONS" ] && [[ ",$SECTIONS," != *",$name,"* ]]; then
+  if [ "$SECTIONS" != "  " ] && [[ "$SECTIONS" != *" $name "* ]]; then
     return  # not chosen
   fi
   local left=$((BUDGET - ($(date +%s) - START)))
@@ -87,8 +106,11 @@ section() {
   echo "== $name (at most ${t} s)"
   local s=$(date +%s)
   export SECTION_S=$t
-  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1 &
+  RUNNING=$!
+  wait "$RUNNING"
   local rc=$?
+  RUNNING=""
   echo "$name: exit $rc after $(($(date +%s) - s)) s$([ $rc = 124 ] && echo ', TIMED OUT')" | tee -a "$OUT/summary.txt"
   tail -n 14 "$OUT/$name.log"
 }

@@ -2,6 +2,7 @@
 samples as ablate's diffusion, train_throughput.py runs end to end on a tiny config, and so
 does every section of the GPU check."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,39 @@ def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
     assert float(one["final_loss"]) < float(one["loss_start"])
     assert two["train_ranks"] == "2"
     assert float(two["final_loss"]) == pytest.approx(float(one["final_loss"]), rel=2e-3)  # 4 digits printed
+
+
+def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    def check(*args, **env):
+        return subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "OUT": str(tmp_path / "out"), **env}, timeout=60)
+
+    for args, env, message in [(["--tiny", "--oops"], {}, "unknown argument '--oops'"),
+                               (["--tiny"], {"ABLATE_GPU_CHECK_SECTIONS": "train_S2,*"}, "no section '*'"),
+                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "08"}, "'08' is not a whole number")]:
+        r = check(*args, **env)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+    # Ctrl-C in a section: the section's processes end, the work folder goes, exit 130.
+    out = tmp_path / "run"
+    work_before = set(Path("/tmp").glob("ablate-gpu-check.*"))
+    p = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OUT": str(out), "ABLATE_GPU_CHECK_SECTIONS": "train_S2 timing_grid"})
+    deadline = time.time() + 120
+    while not (out / "train_S2.log").exists():  # the section has started
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.2)
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=30)
+    assert p.returncode == 130 and text.rstrip().endswith("interrupted"), text
+    assert not (out / "timing_grid.log").exists()  # the next section did not start
+    ps = subprocess.run(["pgrep", "-f", f"train_throughput.py.*{out}"], capture_output=True, text=True)
+    assert ps.stdout == "", ps.stdout
+    assert set(Path("/tmp").glob("ablate-gpu-check.*")) <= work_before  # its work folder removed

@@ -265,6 +265,8 @@ def test_ablate_fid_folder_against_dataset(tmp_path, domain):
     (["digitz", "digits"], "'digitz' is neither a folder nor a dataset (did you mean 'digits'?)"),
     (["digits", "digits", "--samples", "1"], "--samples: 1 must be >= 2"),
     (["imagefolder", "digits"], "here give the folder itself"),
+    (["latents", "digits"], "'latents' holds VAE latents, not images"),
+    (["no/such/folder", "digits"], "'no/such/folder': no such folder"),
     (["EMPTY", "digits"], "no images"),
 ])
 def test_ablate_fid_bad_input_is_one_line(tmp_path, args, message):

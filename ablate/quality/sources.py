@@ -7,6 +7,7 @@ contents may change under the same name).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +111,18 @@ def open_source(text: str, *, image_size: int | None = None, samples: int | None
             keep = torch.randperm(len(src), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
             src = ImageSource(src.images[keep], src.label.rsplit(" n=", 1)[0] + f" n={samples}")
         return src
+    if os.sep in text or "/" in text:  # a path, not a name
+        raise SourceError(f"{text!r}: no such folder")
     if text == "imagefolder":  # the dataset of a folder given in a grid; here the folder is the input
         raise SourceError("'imagefolder' is the dataset of a folder of images in a grid file: here give the "
                           "folder itself (ablate fid samples/ path/to/images/)")
+    if text == "latents":
+        raise SourceError("'latents' holds VAE latents, not images: FID compares images (decode them first)")
     if text in DATASETS:
         cfg = {"name": text} if image_size is None else {"name": text, "image_size": image_size}
         return from_dataset(cfg, samples, seed)
     from ..registry import did_you_mean
 
-    raise SourceError(f"{text!r} is neither a folder nor a dataset{did_you_mean(text, DATASETS.names())}; "
-                      f"datasets: {', '.join(DATASETS.names())}")
+    named = [d for d in DATASETS.names() if d not in ("imagefolder", "latents")]  # those a name alone gives
+    raise SourceError(f"{text!r} is neither a folder nor a dataset{did_you_mean(text, named)}; "
+                      f"datasets: {', '.join(named)}")
