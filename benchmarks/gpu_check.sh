@@ -17,8 +17,8 @@
 # Expected on an H100: a1 ~70 s, a2 ~25 s, a3 ~90 s, b ~60 s, d ~70 s, c ~70 s, e ~60 s
 # (g ~40 s and h ~70 s: estimates, never run): the default budget reaches d;
 # ABLATE_GPU_CHECK_BUDGET=450 runs e and c too. Sections already measured can be left out:
-#   ABLATE_GPU_CHECK_BUDGET=420 ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,train_XL2_attention,\
-#     sample_XL2_extra,timing_grid,train_digits_torchrun bash benchmarks/gpu_check.sh
+#   export ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,train_XL2_attention,sample_XL2_extra,timing_grid,train_digits_torchrun
+#   ABLATE_GPU_CHECK_BUDGET=420 bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~1-2 min)
@@ -28,6 +28,9 @@ set -u
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 TINY=${ABLATE_GPU_CHECK_TINY:-0}
+if [ "$TINY" != 0 ] && [ "$TINY" != 1 ]; then
+  echo "error: ABLATE_GPU_CHECK_TINY: '$TINY' is not 0 or 1 (or use --tiny)" >&2; exit 2
+fi
 for arg in "$@"; do
   case "$arg" in
     --tiny) TINY=1 ;;

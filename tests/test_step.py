@@ -148,7 +148,6 @@ def test_compiled_sampling_pads_to_one_shape_and_matches_eager(aot_eager):
     assert c.shape == (6, 4, 8, 8) and torch.equal(lc, torch.arange(6)) and torch.allclose(c[:4], a[:4], atol=1e-5)
 
 
-
 def test_the_compiled_step_and_sampler_are_each_one_graph():
     """What ``compile`` compiles is traced whole: forward + hybrid loss of the training step,
     and the guided denoiser of sampling, are one graph each with no graph break (a break,
