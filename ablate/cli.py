@@ -273,7 +273,7 @@ def _grid_device(g) -> str:
     if len({resolve_device(d).type for d in devices}) > 1:
         _fail(f"under torchrun every cell of {g.name} must use the same kind of device (one backend, gloo "
               f"or nccl, serves them all); it has device: {', '.join(sorted(devices))}")
-    return devices.pop() if devices else "auto"
+    return min(devices) if devices else "auto"  # one kind of device: any of them picks the backend alike
 
 
 def _follow(device: str) -> int:

@@ -111,7 +111,9 @@ def init(device_setting: str = "auto") -> World:
     if not w.distributed or dist.is_initialized():
         _WORLD = w
         return w
-    cuda = torch.cuda.is_available() and device_setting != "cpu"
+    from .cell import resolve_device
+
+    cuda = torch.cuda.is_available() and resolve_device(device_setting).type == "cuda"  # cpu, cpu:0: gloo
     if cuda:
         if w.local_rank >= torch.cuda.device_count():
             raise ValueError(f"rank {w.rank}: LOCAL_RANK {w.local_rank} but this node has "

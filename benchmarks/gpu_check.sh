@@ -161,7 +161,7 @@ table() {
 }
 run_train() {
   # leave 20 s of the section for the table
-  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/train.yaml" --results "$WORK/train" --no-progress
+  timeout --foreground -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/train.yaml" --results "$WORK/train" --no-progress
   table "$WORK/train.yaml" "$WORK/train" "$OUT/train_digits.md" \
     model,status,loss_start,final_loss,train_img_per_s,train_compile,train_compile_s,train_peak_mem_mb,train_wall_s,train_precision,device_name,error
   cp "$(find "$WORK/train" -name 'samples_step*.png' | sort | tail -n 1)" "$OUT/train_digits_samples.png"
@@ -183,7 +183,7 @@ base: {$GRID_BASE, in_channels: 4, measure: [flops, timing],
        timing: {batch_size: $GRID_BATCH, warmup: $GRID_WARMUP, repeats: $GRID_REPEATS, compile: false}}
 EOF
 run_grid() {
-  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/timing.yaml" --results "$WORK/timing" --no-progress
+  timeout --foreground -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m ablate.cli run "$WORK/timing.yaml" --results "$WORK/timing" --no-progress
   table "$WORK/timing.yaml" "$WORK/timing" "$OUT/timing_grid.md" \
     model,block,status,gflops,fwd_img_per_s,step_img_per_s,step_mfu,step_peak_mem_mb,timing_precision,error
 }
@@ -194,7 +194,7 @@ section timing_grid 100 bash -c run_grid
 # same training grid as (d) with its own results folder, so its table sits beside d's
 run_ddp() {
   n=$($PY -c "import torch; print(max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2)")
-  timeout -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m torch.distributed.run --standalone \
+  timeout --foreground -k 5 $((SECTION_S > 40 ? SECTION_S - 20 : SECTION_S / 2)) $PY -m torch.distributed.run --standalone \
     --nproc_per_node "$n" -m ablate run "$WORK/train.yaml" --results "$WORK/ddp" --no-progress
   table "$WORK/train.yaml" "$WORK/ddp" "$OUT/train_digits_torchrun.md" \
     model,status,final_loss,train_ranks,train_img_per_s,train_compile_s,train_peak_mem_mb,train_wall_s,error
