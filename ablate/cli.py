@@ -15,8 +15,12 @@ FORMATS = ("markdown", "csv", "json", "parquet")
 
 
 def _fail(message: str, code: int = 2):
-    if not _follower():  # under torchrun every rank meets the same mistake: rank 0 says it once
-        click.echo(f"error: {message}", err=True)
+    if _follower():
+        # Under torchrun every rank meets the same mistake and rank 0 says it once. The others
+        # leave quietly with 0: a rank that fails makes torchrun stop the rest, which could
+        # stop rank 0 before its line is out; rank 0's exit code is the launch's.
+        sys.exit(0)
+    click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
