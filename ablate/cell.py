@@ -202,6 +202,7 @@ class Needed:
 
     metrics: dict  # what it returned
     workdir: Path  # its work folder (checkpoints, samples)
+    record: Path | None = None  # its stored result (removing it has the prerequisite measured again)
 
 
 class Cell:

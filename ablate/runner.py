@@ -215,7 +215,8 @@ class Runner:
             if res["status"] != "ok":
                 failed.append(dep)
             else:
-                needed[dep] = Needed(res["metrics"], self.store.workdir(step.keys[dep]))
+                key = step.keys[dep]
+                needed[dep] = Needed(res["metrics"], self.store.workdir(key), self.store.result_path(key))
         return needed, failed
 
     def _run(self, step: Step, needed: dict[str, Needed], failed: list[str]) -> dict:

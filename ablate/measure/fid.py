@@ -67,10 +67,9 @@ def fid(cell, progress: bool = True) -> dict:
     states = {step: path for step, path in states.items() if step <= last}
     if last not in states:
         # The train result is stored ok, so a re-run reuses it: only removing it trains again.
-        record = train.workdir.parent.parent / "measurements" / f"{train.workdir.name}.json"
         raise FileNotFoundError(f"{train.workdir}: no checkpoint of step {last}; the fid measurement reads the "
-                                f"trained weights and does not retrain (to train again, delete {record} and run "
-                                "with --retry-failed)")
+                                f"trained weights and does not retrain (to train again, delete "
+                                f"{train.record or 'its train result'} and run with --retry-failed)")
     if not s.over_steps:
         states = {last: states[last]}
     # Under torchrun every rank draws its share of the samples; rank 0 alone scores them.

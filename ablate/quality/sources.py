@@ -100,6 +100,14 @@ def from_folder(path: str | Path) -> ImageSource:
     return ImageSource(torch.stack(images), f"{path} {size[1]}x{size[0]} n={len(files)}")
 
 
+# Datasets that a name alone cannot give as an input of `ablate fid`, and why.
+NOT_BY_NAME = {
+    "imagefolder": "'imagefolder' is the dataset of a folder of images in a grid file: here give the folder "
+                   "itself (ablate fid samples/ path/to/images/)",
+    "latents": "'latents' holds VAE latents, not images: FID compares images (decode them first)",
+}
+
+
 def open_source(text: str, *, image_size: int | None = None, samples: int | None = None, seed: int = 0) -> ImageSource:
     """A folder if ``text`` is one, else a registered dataset's name (at ``image_size``, or its
     default); ``samples`` keeps a fixed random subset of that many."""
@@ -113,16 +121,13 @@ def open_source(text: str, *, image_size: int | None = None, samples: int | None
         return src
     if os.sep in text or "/" in text:  # a path, not a name
         raise SourceError(f"{text!r}: no such folder")
-    if text == "imagefolder":  # the dataset of a folder given in a grid; here the folder is the input
-        raise SourceError("'imagefolder' is the dataset of a folder of images in a grid file: here give the "
-                          "folder itself (ablate fid samples/ path/to/images/)")
-    if text == "latents":
-        raise SourceError("'latents' holds VAE latents, not images: FID compares images (decode them first)")
+    if text in NOT_BY_NAME:
+        raise SourceError(NOT_BY_NAME[text])
     if text in DATASETS:
         cfg = {"name": text} if image_size is None else {"name": text, "image_size": image_size}
         return from_dataset(cfg, samples, seed)
     from ..registry import did_you_mean
 
-    named = [d for d in DATASETS.names() if d not in ("imagefolder", "latents")]  # those a name alone gives
+    named = [d for d in DATASETS.names() if d not in NOT_BY_NAME]
     raise SourceError(f"{text!r} is neither a folder nor a dataset{did_you_mean(text, named)}; "
                       f"datasets: {', '.join(named)}")
