@@ -6,19 +6,19 @@
 #   a3 train_XL2.md      DiT-XL/2 batch 64, the same four rows and regional compilation (blocks)
 #   b  sample_XL2.md     DiT-XL/2, 64 images, cfg 1.5, 50 steps: official loop bf16 vs ablate
 #   d  train_digits.md   `ablate run`: DiT-S/2 on digits 32x32, 300 steps, batch 256 (+ samples png)
-#   e  train_S2_extra.md DiT-S/2 batch 256: compiled with CUDA graphs; eager with activation
-#                        checkpointing (peak memory) beside plain
+#   e  train_S2_extra.md DiT-S/2 batch 256: official +bf16 and the default beside compiled with
+#                        CUDA graphs; eager with activation checkpointing (peak memory) beside plain
+#   g  train_XL2_attention.md    DiT-XL/2 batch 64, eager: official +bf16, PyTorch's attention choice,
+#                        FlashAttention, cuDNN and memory-efficient attention forced (head size 72)
+#   h  sample_XL2_extra.md       b's sampling: official +bf16, compiled, compiled with CUDA graphs
 #   c  timing_grid.md    `ablate run`: the four blocks at DiT-S/2 and DiT-XL/2, eager, 5 repeats
 #   f  train_digits_torchrun.md  d's grid under torchrun, one rank per GPU (DDP over nccl)
-#   g  train_XL2_attention.md    DiT-XL/2 batch 64, eager: PyTorch's attention choice against
-#                        FlashAttention, cuDNN and memory-efficient attention forced (head size 72)
-#   h  sample_XL2_extra.md       b's sampling, compiled, against compiled with CUDA graphs
-# Compiles (about 40-50 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 1.
-# Expected on an H100: a1 ~70 s, a2 ~25 s, a3 ~90 s, b ~60 s, d ~70 s, c ~70 s, e ~60 s
-# (g ~40 s and h ~70 s: estimates, never run): the default budget reaches d;
-# ABLATE_GPU_CHECK_BUDGET=450 runs e and c too. Sections already measured can be left out:
+# (e, g and h each carry the official +bf16 row: a ratio is only read within one process.)
+# Compiles (about 40-50 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 2, h 2.
+# Measured on an H100: a1 80 s, a2 27 s, a3 131 s, e 120 s, g 27 s, h 82 s, c 69 s, f 87 s
+# (b and d: ~60-90 s, estimates): the default budget reaches b. Sections already measured can be left out:
 #   export ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,train_XL2_attention,sample_XL2_extra,timing_grid,train_digits_torchrun
-#   ABLATE_GPU_CHECK_BUDGET=420 bash benchmarks/gpu_check.sh
+#   ABLATE_GPU_CHECK_BUDGET=480 bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~1-2 min)
@@ -42,8 +42,8 @@ done
 if [ "$TINY" = 1 ]; then SLOW=3; else SLOW=1; fi
 BUDGET=${ABLATE_GPU_CHECK_BUDGET:-$((290 * SLOW))}
 SECTIONS=${ABLATE_GPU_CHECK_SECTIONS:-}
-ALL_SECTIONS="train_S2 train_S2_cached train_XL2 sample_XL2 train_digits train_S2_extra timing_grid \
-train_digits_torchrun train_XL2_attention sample_XL2_extra"
+ALL_SECTIONS="train_S2 train_S2_cached train_XL2 sample_XL2 train_digits train_S2_extra train_XL2_attention \
+sample_XL2_extra timing_grid train_digits_torchrun"
 # Bad settings: one line, exit 2, nothing written.
 if ! [[ "$BUDGET" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds above 0 (written without a leading zero)" >&2; exit 2
@@ -127,8 +127,8 @@ if [ "$TINY" = 1 ]; then
   GRID_MODELS="[DiT-T/8]"; GRID_BASE="input_size: 16, num_classes: 10, device: $DEV"; GRID_BATCH=4; GRID_WARMUP=1; GRID_REPEATS=2
   TRAIN="model: DiT-T/8, data: {name: digits, image_size: 16}, device: $DEV"
   TRAIN_S="{steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: 0.99, log_every: 10, eval_samples: 16, sample_steps: 5}"
-  EXTRA_ROWS=plain,checkpointing
-  ATTENTION_ROWS=plain,plain-flash
+  EXTRA_ROWS=official-bf16,default,plain,checkpointing
+  ATTENTION_ROWS=official-bf16,plain,plain-flash
 else
   S=(--model DiT-S/2 --batch 256 --steps 20 --warmup 3 --device cuda)
   XL=(--model DiT-XL/2 --batch 64 --steps 10 --warmup 3 --device cuda)
@@ -136,8 +136,8 @@ else
   GRID_MODELS="[DiT-S/2, DiT-XL/2]"; GRID_BASE="input_size: 32, num_classes: 1000, device: cuda"; GRID_BATCH=64; GRID_WARMUP=2; GRID_REPEATS=5
   TRAIN="model: DiT-S/2, data: {name: digits, image_size: 32}, device: cuda"
   TRAIN_S="{steps: 300, batch_size: 256, lr: 5.0e-4, ema_decay: 0.99, log_every: 50, eval_samples: 64, sample_steps: 50}"
-  EXTRA_ROWS=reduce-overhead,plain,checkpointing
-  ATTENTION_ROWS=plain,plain-flash,plain-cudnn,plain-efficient
+  EXTRA_ROWS=official-bf16,default,reduce-overhead,plain,checkpointing
+  ATTENTION_ROWS=official-bf16,plain,plain-flash,plain-cudnn,plain-efficient
 fi
 
 # (a) training step tables
@@ -171,7 +171,14 @@ export -f table run_train
 section train_digits 110 bash -c run_train
 
 # (e) the optional levers at DiT-S/2: CUDA graphs, activation checkpointing
-section train_S2_extra 110 $PY $TT "${S[@]}" --rows "$EXTRA_ROWS" --out "$OUT/train_S2_extra.md"
+section train_S2_extra 150 $PY $TT "${S[@]}" --rows "$EXTRA_ROWS" --out "$OUT/train_S2_extra.md"
+
+# (g) which attention kernel DiT-XL/2 (head size 72) is fastest with, eager
+section train_XL2_attention 90 $PY $TT "${XL[@]}" --rows "$ATTENTION_ROWS" --out "$OUT/train_XL2_attention.md"
+
+# (h) the sampler compiled with CUDA graphs beside compiled alone (with b's cache: one new compile)
+section sample_XL2_extra 150 $PY $TT "${SAMPLE[@]}" --sample --sample-rows official-bf16,default,reduce-overhead \
+  --out "$OUT/sample_XL2_extra.md"
 
 # (c) a timing grid of the four blocks through `ablate run` (eager: 8 compiles would not fit)
 cat > "$WORK/timing.yaml" <<EOF
@@ -201,13 +208,6 @@ run_ddp() {
 }
 export -f run_ddp
 section train_digits_torchrun 110 bash -c run_ddp
-
-# (g) which attention kernel DiT-XL/2 (head size 72) is fastest with, eager
-section train_XL2_attention 60 $PY $TT "${XL[@]}" --rows "$ATTENTION_ROWS" --out "$OUT/train_XL2_attention.md"
-
-# (h) the sampler compiled with CUDA graphs beside compiled alone (b's cache: one new compile)
-section sample_XL2_extra 100 $PY $TT "${SAMPLE[@]}" --sample --sample-rows default,reduce-overhead \
-  --out "$OUT/sample_XL2_extra.md"
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
 rm -rf "$WORK"

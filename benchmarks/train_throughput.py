@@ -60,10 +60,13 @@ from ablate.train import sample_images  # noqa: E402
 # A plain step with one attention kernel forced (torch.nn.attention.SDPBackend's names).
 ATTENTION_ROWS = {"plain-flash": "FLASH_ATTENTION", "plain-cudnn": "CUDNN_ATTENTION",
                   "plain-efficient": "EFFICIENT_ATTENTION"}
-TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "checkpointing",
-              *ATTENTION_ROWS)
+# Compiled rows and their compile_mode (``ablate.step.COMPILE_MODES``).
+COMPILE_ROWS = {"default": "default", "blocks": "default", "reduce-overhead": "reduce-overhead",
+                "max-autotune": "max-autotune-no-cudagraphs"}
+TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "max-autotune",
+              "checkpointing", *ATTENTION_ROWS)
 DEFAULT_TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default")
-SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default", "reduce-overhead")
+SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default", "reduce-overhead", "max-autotune")
 DEFAULT_SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default")
 
 
@@ -132,9 +135,9 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
         compile_on = False
     else:
         precision = auto_precision
-        compile_on = name in ("default", "blocks", "reduce-overhead") and resolve_compile(device, args.compile)
+        compile_on = name in COMPILE_ROWS and resolve_compile(device, args.compile)
         runner = TrainStep(model, create_diffusion(None, learn_sigma=True), precision=precision, ema=ema,
-                           compile=compile_on, compile_mode="reduce-overhead" if name == "reduce-overhead" else "default",
+                           compile=compile_on, compile_mode=COMPILE_ROWS.get(name, "default"),
                            compile_scope="blocks" if name == "blocks" else "step",
                            activation_checkpointing=name == "checkpointing")
     with attention(name):
@@ -186,7 +189,7 @@ def sample_row(name: str, args, device: torch.device, auto_precision: str) -> di
         precision = auto_precision
         compile_on = name != "plain" and resolve_compile(device, args.compile)
 
-        mode = "reduce-overhead" if name == "reduce-overhead" else "default"
+        mode = COMPILE_ROWS.get(name, "default")
 
         def run(steps):
             sample_images(model, args.images, image_size=args.input_size, steps=steps, cfg_scale=args.cfg,

@@ -74,7 +74,7 @@ def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     sections = [line.split(":")[0] for line in summary if ": exit" in line]
     assert sections == ["train_S2", "train_S2_cached", "train_XL2", "sample_XL2", "train_digits", "train_S2_extra",
-                        "timing_grid", "train_digits_torchrun", "train_XL2_attention", "sample_XL2_extra"], summary
+                        "train_XL2_attention", "sample_XL2_extra", "timing_grid", "train_digits_torchrun"], summary
     assert all(": exit 0 " in line for line in summary if ": exit" in line), summary
     # The training step's rows, ablate's and the official copy's, measured side by side.
     assert [row["row"] for row in md_rows(out / "train_S2.md")] == ["official-tf32", "official-bf16", "plain",
