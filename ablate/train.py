@@ -104,8 +104,10 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
     ``world`` (every rank of a torchrun launch calls this): rank r computes batches r, r + N,
     ...; for the others it only replays their random draws (the sampler run with a denoiser
     that returns zeros: elementwise work, no network), so its generator is where one
-    process's would be. Rank 0 gathers the batches (exactly one process's samples); the
-    other ranks get no samples back (an empty batch), only rank 0 writes and scores them.
+    process's would be. Rank 0 gathers the batches (exactly one process's samples) a round of
+    N at a time, into the one tensor it returns, so it holds the samples once plus a round
+    (not every rank's share and their concatenation at once); the other ranks get no
+    samples back (an empty batch), only rank 0 writes and scores them.
 
     ``compile``: the denoising network (with guidance) is compiled for one batch shape;
     the last batch is padded to ``batch_size`` (so its noise, drawn for the padded batch,
@@ -126,8 +128,18 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
     denoise = model if cfg_scale == 1.0 else model.forward_with_cfg
     if compile:
         denoise = compiled(denoise, compile_mode)
-    out = {}
-    for i, y in enumerate(labels.split(batch_size)):
+    home = torch.device("cpu") if uint8 else device  # where the returned samples live
+    full = None  # every sample, on rank 0, written in place as its batch arrives (no concatenation)
+
+    def keep(i: int, x: torch.Tensor) -> None:
+        nonlocal full
+        if full is None:
+            full = torch.empty(n, *x.shape[1:], dtype=x.dtype, device=home)
+        full[i * batch_size: i * batch_size + len(x)] = x
+
+    batches = labels.split(batch_size)
+    ready = None  # under torchrun: this rank's batch of the current round, (index, samples on the CPU)
+    for i, y in enumerate(batches):
         mine = i % world.size == world.rank
         net = denoise if mine else _replay(model)  # another rank's batch: advance the generator only
         real = len(y)
@@ -146,16 +158,24 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
                                      noise=torch.cat([z, z]), generator=generator)[: len(y)]
         if mine:
             x = x[:real].float().clamp_(-1, 1)
-            out[i] = quantised(x).cpu() if uint8 else x
+            x = quantised(x).cpu() if uint8 else x
+            if world.distributed:
+                ready = (i, x.cpu())
+            else:
+                keep(i, x)
+        if world.distributed and (i % world.size == world.size - 1 or i == len(batches) - 1):
+            # The end of a round (each rank one batch): its batches to rank 0, every rank in step.
+            shares = gather_to_leader(ready)
+            ready = None
+            for share in shares or ():
+                if share is not None:
+                    keep(share[0], share[1].to(home))
     model.train(was_training)
-    if world.distributed:
-        home = torch.device("cpu") if uint8 else device
-        shares = gather_to_leader({i: x.cpu() for i, x in out.items()})
-        if shares is None:  # not rank 0: nothing of the samples is kept here
-            return torch.empty(0, model.in_channels, image_size, image_size,
-                               dtype=torch.uint8 if uint8 else torch.float32, device=home), labels
-        out = {i: x.to(home) for share in shares for i, x in share.items()}
-    return torch.cat([out[i] for i in sorted(out)]), labels
+    if full is None or (world.distributed and not world.leader):
+        # not rank 0 (nothing of the samples is kept here), or no samples asked for
+        full = torch.empty(0, model.in_channels, image_size, image_size,
+                           dtype=torch.uint8 if uint8 else torch.float32, device=home)
+    return full, labels
 
 
 def _replay(model: nn.Module) -> Callable:
