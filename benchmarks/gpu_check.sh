@@ -13,11 +13,16 @@
 #   h  sample_XL2_extra.md       b's sampling: official +bf16, compiled, compiled with CUDA graphs
 #   c  timing_grid.md    `ablate run`: the four blocks at DiT-S/2 and DiT-XL/2, eager, 5 repeats
 #   f  train_digits_torchrun.md  d's grid under torchrun, one rank per GPU (DDP over nccl)
-# (e, g and h each carry the official +bf16 row: a ratio is only read within one process.)
+#   i  profile_XL2.md    DiT-XL/2 batch 64, plain and default, and where each step's time goes
+#                        (torch.profiler: the device time by kind of kernel, the top kernels)
+#   j  train_S2_autotune.md      DiT-S/2 batch 256: official +bf16, default, max-autotune (matmuls
+#                        timed at compile: minutes)
+#   k  sample_XL2_autotune.md    b's sampling: official +bf16 and the denoiser with max-autotune
+# (e, g, h, j and k each carry the official +bf16 row: a ratio is only read within one process.)
 # Compiles (about 40-50 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 2, h 2.
 # Measured on an H100: a1 80 s, a2 27 s, a3 131 s, e 120 s, g 27 s, h 82 s, c 69 s, f 87 s
 # (b and d: ~60-90 s, estimates): the default budget reaches b. Sections already measured can be left out:
-#   export ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,train_XL2_attention,sample_XL2_extra,timing_grid,train_digits_torchrun
+#   export ABLATE_GPU_CHECK_SECTIONS=profile_XL2,train_S2_autotune,sample_XL2_autotune
 #   ABLATE_GPU_CHECK_BUDGET=480 bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
@@ -43,7 +48,7 @@ if [ "$TINY" = 1 ]; then SLOW=3; else SLOW=1; fi
 BUDGET=${ABLATE_GPU_CHECK_BUDGET:-$((290 * SLOW))}
 SECTIONS=${ABLATE_GPU_CHECK_SECTIONS:-}
 ALL_SECTIONS="train_S2 train_S2_cached train_XL2 sample_XL2 train_digits train_S2_extra train_XL2_attention \
-sample_XL2_extra timing_grid train_digits_torchrun"
+sample_XL2_extra timing_grid train_digits_torchrun profile_XL2 train_S2_autotune sample_XL2_autotune"
 # Bad settings: one line, exit 2, nothing written.
 if ! [[ "$BUDGET" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds above 0 (written without a leading zero)" >&2; exit 2
@@ -208,6 +213,14 @@ run_ddp() {
 }
 export -f run_ddp
 section train_digits_torchrun 110 bash -c run_ddp
+
+# (i) where the XL/2 step's time goes, eager and compiled (one compile)
+section profile_XL2 150 $PY $TT "${XL[@]}" --rows plain,default --profile 3 --out "$OUT/profile_XL2.md"
+
+# (j, k) max-autotune: Inductor times matmul choices while compiling (minutes; never yet run)
+section train_S2_autotune 240 $PY $TT "${S[@]}" --rows official-bf16,default,max-autotune --out "$OUT/train_S2_autotune.md"
+section sample_XL2_autotune 200 $PY $TT "${SAMPLE[@]}" --sample --sample-rows official-bf16,max-autotune \
+  --out "$OUT/sample_XL2_autotune.md"
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
 rm -rf "$WORK"

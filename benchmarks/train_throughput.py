@@ -141,7 +141,66 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
                            compile_scope="blocks" if name == "blocks" else "step",
                            activation_checkpointing=name == "checkpointing")
     with attention(name):
-        return timed_row(name, runner, args, x, y, device, precision, compile_on)
+        row = timed_row(name, runner, args, x, y, device, precision, compile_on)
+        if args.profile:
+            row["profile"] = profile_steps(runner, args, x, y, device)
+    return row
+
+
+# Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs: sm90_xmma, nvjet,
+# cutlass; SDPA's kernels; Inductor's generated triton_*; the fused AdamW and foreach lerp).
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "cudnn")),
+                ("matmul", ("gemm", "matmul", "mm", "nvjet", "xmma", "cutlass", "addmm")),
+                ("optimizer + EMA", ("adam", "multi_tensor", "foreach", "lerp")),
+                ("fused elementwise (Inductor)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(runner, args, x, y, device: torch.device) -> dict:
+    """Where a step's time goes: ``args.profile`` steps under torch.profiler, each kernel's
+    self time on the device (the CPU's ops on a CPU) per step, the top ones and by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with profile(activities=acts) as prof:
+        for _ in range(args.profile):
+            runner.step(x, y)
+        synchronize(device)
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    if cuda:  # the kernels themselves, not the CPU-side ops that launched them
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or events
+    ms = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / args.profile for e in events}
+    calls = {e.key: e.count / args.profile for e in events}
+    total = sum(ms.values())
+    kinds: dict[str, float] = {}
+    for k, v in ms.items():
+        kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0.0) + v
+    top = sorted(ms, key=ms.get, reverse=True)[:args.profile_top]
+    return {"total_ms": total, "kinds": kinds,
+            "top": [{"kernel" if cuda else "op": k[:90], "kind": kernel_kind(k), "calls_per_step": calls[k],
+                     "ms_per_step": ms[k], "share": ms[k] / total} for k in top]}
+
+
+def profile_text(rows: list[dict], device: torch.device) -> str:
+    out = []
+    for r in rows:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        what = "device time of its kernels" if device.type == "cuda" else "self CPU time of its ops"
+        kinds = [{"kind": k, "ms_per_step": v, "share": v / prof["total_ms"]}
+                 for k, v in sorted(prof["kinds"].items(), key=lambda kv: -kv[1])]
+        out.append(f"\nWhere the `{r['row']}` step's time goes ({what}, {prof['total_ms']:.1f} ms per step; "
+                   f"the wall step is {r['step_ms']:.1f} ms):\n\n"
+                   + tabulate(kinds, headers="keys", floatfmt=".3g", tablefmt="github") + "\n\n"
+                   + tabulate(prof["top"], headers="keys", floatfmt=".3g", tablefmt="github") + "\n")
+    return "".join(out)
 
 
 def attention(row: str):
@@ -237,6 +296,9 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="training rows: profile this many more steps (torch.profiler) and add where the time goes")
+    ap.add_argument("--profile-top", type=int, default=15, help="kernels listed per profiled row")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
@@ -272,6 +334,7 @@ def main(argv=None) -> None:
     # image is one forward per step, two with guidance (the conditional and the null class).
     flop_per_img = 1e9 * gflop * (6 if not args.sample else 2 * (2 if args.cfg != 1 else 1) * args.sample_steps)
     text = head + "\n\n" + table(rows, flop_per_img, peaks, "official-bf16", not args.sample) + "\n"
+    text += profile_text(rows, device)
     print("\n" + text, flush=True)
     if args.out:
         Path(args.out).write_text(text)

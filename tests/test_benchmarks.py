@@ -74,12 +74,20 @@ def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     sections = [line.split(":")[0] for line in summary if ": exit" in line]
     assert sections == ["train_S2", "train_S2_cached", "train_XL2", "sample_XL2", "train_digits", "train_S2_extra",
-                        "train_XL2_attention", "sample_XL2_extra", "timing_grid", "train_digits_torchrun"], summary
+                        "train_XL2_attention", "sample_XL2_extra", "timing_grid", "train_digits_torchrun", "profile_XL2",
+                        "train_S2_autotune", "sample_XL2_autotune"], summary
     assert all(": exit 0 " in line for line in summary if ": exit" in line), summary
     # The training step's rows, ablate's and the official copy's, measured side by side.
     assert [row["row"] for row in md_rows(out / "train_S2.md")] == ["official-tf32", "official-bf16", "plain",
                                                                     "default"]
     assert all(float(row["img_per_s"]) > 0 for row in md_rows(out / "train_XL2.md"))
+    # The profile of each row: its time by kind of work adds up to the profiled total.
+    text = (out / "profile_XL2.md").read_text()
+    for part in text.split("step's time goes")[1:]:
+        total = float(part.split(", ")[1].split(" ms per step")[0])
+        kinds = [line.split("|") for line in part.split("\n\n")[1].splitlines()[2:]]
+        assert sum(float(cells[2]) for cells in kinds) == pytest.approx(total, rel=0.02)
+    assert text.count("step's time goes") == 2  # plain and default
     grid = md_rows(out / "timing_grid.md")
     assert [(row["block"], row["status"]) for row in grid] == [
         ("adaln-zero", "ok"), ("adaln", "ok"), ("cross-attn", "ok"), ("in-context", "ok")]
