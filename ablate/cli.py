@@ -549,7 +549,8 @@ def _check_columns(cols, df, option):
 @click.option("--format", "-f", "fmt", type=click.Choice(FORMATS[:3]), default="markdown", show_default=True)
 def fid_command(input1, input2, extractor, samples, image_size, batch_size, device, fmt):
     """FID, KID and precision/recall between INPUT1 (e.g. generated samples) and INPUT2 (the
-    reference), each a folder of images or a dataset name (digits, mnist, ...). Offline.
+    reference), each a folder of images or a dataset name (digits, mnist, ...; dataset:mnist
+    where a folder here has that name too). Offline.
 
     \b
       ablate fid samples/ digits                      # a folder of samples against the digits
@@ -561,7 +562,7 @@ def fid_command(input1, input2, extractor, samples, image_size, batch_size, devi
     from .data import DatasetUnavailable
     from .quality.extractors import ExtractorUnavailable, default_extractor, get_extractor
     from .quality.metrics import quality
-    from .quality.sources import SourceError, open_source
+    from .quality.sources import SourceError, dataset_name, names_folder, open_source
     from .registry import UnknownName
 
     if samples is not None and samples < 2:
@@ -577,12 +578,12 @@ def fid_command(input1, input2, extractor, samples, image_size, batch_size, devi
     try:
         # A dataset compared with a folder is taken at the folder's image size unless told otherwise.
         # Different seeds: a dataset against itself compares two random subsets, not one twice.
-        first, second = (open_source(x, samples=samples, seed=i) if Path(x).is_dir() else None
+        first, second = (open_source(x, samples=samples, seed=i) if names_folder(x) else None
                          for i, x in enumerate((input1, input2)))
         size = image_size or next((s.images.shape[-1] for s in (first, second) if s is not None), None)
         first = first or open_source(input1, image_size=size, samples=samples, seed=0)
         second = second or open_source(input2, image_size=size, samples=samples, seed=1)
-        dataset = next((x for x in (input2, input1) if not Path(x).is_dir()), None)
+        dataset = next((dataset_name(x) for x in (input2, input1) if not names_folder(x)), None)
         name = default_extractor(dataset) if extractor == "auto" else extractor
         cfg = None
         if dataset is not None:

@@ -277,6 +277,19 @@ def test_ablate_fid_bad_input_is_one_line(tmp_path, args, message):
     assert r.output.count("\n") == 1 and r.output.startswith("error: ") and message in r.output
 
 
+def test_ablate_fid_a_dataset_name_that_is_also_a_folder_here_is_not_guessed(tmp_path, monkeypatch, domain):
+    (tmp_path / "digits").mkdir()  # e.g. images someone saved under that name
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["fid", "digits", "digits"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "'digits' is both a folder here and a dataset: write ./digits for the folder or dataset:digits" in r.output
+    assert CliRunner().invoke(main, ["fid", "./digits", "digits"]).output.count("no images") == 1  # the folder
+    r = CliRunner().invoke(main, ["fid", "dataset:digits", "dataset:digits", "-n", "200", "--image-size", "16", "-f", "json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)
+    assert row["input1"].startswith("digits train 16x16") and row["fid_extractor"] == domain.label
+
+
 def test_fid_settings_are_checked():
     from ablate.settings import ConfigError
 

@@ -108,12 +108,34 @@ NOT_BY_NAME = {
 }
 
 
-def open_source(text: str, *, image_size: int | None = None, samples: int | None = None, seed: int = 0) -> ImageSource:
-    """A folder if ``text`` is one, else a registered dataset's name (at ``image_size``, or its
-    default); ``samples`` keeps a fixed random subset of that many."""
+DATASET_PREFIX = "dataset:"  # `dataset:digits`: the dataset, even where a folder `digits` is here
+
+
+def dataset_name(text: str) -> str:
+    return text[len(DATASET_PREFIX):] if text.startswith(DATASET_PREFIX) else text
+
+
+def names_folder(text: str) -> bool:
+    """Whether an input of ``ablate fid`` is a folder: one that exists, unless written
+    ``dataset:NAME``. A bare dataset name that is also a folder here is refused rather than
+    guessed (a downloaded ``mnist/`` would silently stand in for the dataset)."""
     from ..data import DATASETS
 
-    if Path(text).is_dir():
+    if text.startswith(DATASET_PREFIX) or not Path(text).is_dir():
+        return False
+    if text in DATASETS and text not in NOT_BY_NAME:
+        raise SourceError(f"{text!r} is both a folder here and a dataset: write ./{text} for the folder "
+                          f"or {DATASET_PREFIX}{text} for the dataset")
+    return True
+
+
+def open_source(text: str, *, image_size: int | None = None, samples: int | None = None, seed: int = 0) -> ImageSource:
+    """A folder if ``text`` is one (``names_folder``), else a registered dataset's name,
+    optionally written ``dataset:NAME`` (at ``image_size``, or its default); ``samples``
+    keeps a fixed random subset of that many."""
+    from ..data import DATASETS
+
+    if names_folder(text):
         src = from_folder(text)
         if samples is not None and samples < len(src):
             keep = torch.randperm(len(src), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
@@ -121,6 +143,7 @@ def open_source(text: str, *, image_size: int | None = None, samples: int | None
         return src
     if os.sep in text or "/" in text:  # a path, not a name
         raise SourceError(f"{text!r}: no such folder")
+    text = dataset_name(text)
     if text in NOT_BY_NAME:
         raise SourceError(NOT_BY_NAME[text])
     if text in DATASETS:
