@@ -137,7 +137,7 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
             full = torch.empty(n, *x.shape[1:], dtype=x.dtype, device=home)
         full[i * batch_size: i * batch_size + len(x)] = x
 
-    batches = labels.split(batch_size)
+    batches = labels.split(batch_size) if n else ()  # (split would give one empty batch)
     ready = None  # under torchrun: this rank's batch of the current round, (index, samples on the CPU)
     for i, y in enumerate(batches):
         mine = i % world.size == world.rank

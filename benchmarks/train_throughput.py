@@ -143,21 +143,37 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
     with attention(name):
         row = timed_row(name, runner, args, x, y, device, precision, compile_on)
         if args.profile:
-            row["profile"] = profile_steps(runner, args, x, y, device)
+            try:
+                row["profile"] = profile_steps(runner, args, x, y, device)
+            except Exception as e:  # the row's timing stands; the profile says why it is missing
+                traceback.print_exc()
+                row["profile"] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
     return row
 
 
-# Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs: sm90_xmma, nvjet,
-# cutlass; SDPA's kernels; Inductor's generated triton_*; the fused AdamW and foreach lerp).
-KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "cudnn")),
-                ("matmul", ("gemm", "matmul", "mm", "nvjet", "xmma", "cutlass", "addmm")),
-                ("optimizer + EMA", ("adam", "multi_tensor", "foreach", "lerp")),
-                ("fused elementwise (Inductor)", ("triton",)))
+# Kernel and op names -> what they do. Inductor names its kernels after the aten ops it fused
+# (triton_poi_fused_addmm_gelu_3 is elementwise work beside a matmul), so its prefixes decide
+# first: triton_tem* are its matmul templates, other triton_* fused elementwise (or the optimizer's).
+# Then cuBLAS/CUTLASS GEMMs (sm90_xmma, nvjet, cutlass), SDPA's kernels, the fused AdamW and
+# foreach lerp; on a CPU, aten ops by name.
+MATMUL = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
+          "aten::linear")
+ATTENTION = ("flash", "fmha", "attention", "sdpa")
+OPTIMIZER = ("adam", "multi_tensor", "foreach", "lerp", "addcdiv")
 
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+    if low.startswith("autograd::"):
+        return "other"  # the autograd engine's bookkeeping around a backward op, not the op's work
+    if low.startswith("triton_tem"):
+        return "matmul"
+    if low.startswith("triton"):
+        return "optimizer + EMA" if any(k in low for k in OPTIMIZER) else "fused elementwise (Inductor)"
+    for kind, keys in (("attention", ATTENTION), ("matmul", MATMUL), ("optimizer + EMA", OPTIMIZER)):
+        if any(k in low for k in keys):
+            return kind
+    return "other"
 
 
 def profile_steps(runner, args, x, y, device: torch.device) -> dict:
@@ -192,6 +208,9 @@ def profile_text(rows: list[dict], device: torch.device) -> str:
     for r in rows:
         prof = r.get("profile")
         if not prof:
+            continue
+        if "error" in prof:
+            out.append(f"\nThe `{r['row']}` step was not profiled: {prof['error']}\n")
             continue
         what = "device time of its kernels" if device.type == "cuda" else "self CPU time of its ops"
         kinds = [{"kind": k, "ms_per_step": v, "share": v / prof["total_ms"]}
@@ -309,6 +328,10 @@ def main(argv=None) -> None:
     for r in rows_wanted:
         if r not in known:
             ap.error(f"unknown row {r!r}; choose from {', '.join(known)}")
+    if args.profile < 0 or args.profile_top < 1:
+        ap.error(f"--profile {args.profile} / --profile-top {args.profile_top}: steps >= 0, kernels >= 1")
+    if args.profile and args.sample:
+        ap.error("--profile profiles training rows; it does not apply with --sample")
 
     kwargs = dit_kwargs(args.model, input_size=args.input_size, num_classes=args.num_classes)
     gflop, counted_by = gflops_per_image(kwargs, device)
@@ -322,6 +345,17 @@ def main(argv=None) -> None:
             row = {"row": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
         rows.append(row)
         print(f"{name}: {row.get('img_per_s', float('nan')):.1f} img/s ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.out:  # the rows so far: a run stopped at its time limit keeps what it measured
+            Path(args.out).write_text(report(rows, args, device, kwargs, gflop, counted_by))
+    text = report(rows, args, device, kwargs, gflop, counted_by)
+    print("\n" + text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def report(rows: list[dict], args, device: torch.device, kwargs: dict, gflop: float, counted_by: str) -> str:
+    """The markdown of the rows so far: a line saying what was measured, the table, the profiles."""
+    rows = [dict(r) for r in rows]  # table() adds columns
     precisions = {r["precision"] for r in rows if "precision" in r}
     peaks = {p: matmul_peak_tflops(str(device), p) for p in precisions}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -334,10 +368,7 @@ def main(argv=None) -> None:
     # image is one forward per step, two with guidance (the conditional and the null class).
     flop_per_img = 1e9 * gflop * (6 if not args.sample else 2 * (2 if args.cfg != 1 else 1) * args.sample_steps)
     text = head + "\n\n" + table(rows, flop_per_img, peaks, "official-bf16", not args.sample) + "\n"
-    text += profile_text(rows, device)
-    print("\n" + text, flush=True)
-    if args.out:
-        Path(args.out).write_text(text)
+    return text + profile_text(rows, device)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,48 @@ def test_train_throughput_runs_on_a_tiny_config(tmp_path, capsys):
     assert img_per_s > 0
 
 
+def test_kernels_are_grouped_by_the_work_they_do():
+    from train_throughput import kernel_kind
+
+    assert kernel_kind("triton_poi_fused_addmm_gelu_3") == "fused elementwise (Inductor)"  # named after its ops
+    assert kernel_kind("triton_per_fused__scaled_dot_product_flash_attention_0") == "fused elementwise (Inductor)"
+    assert kernel_kind("triton_tem_fused_mm_0") == "matmul"  # Inductor's matmul template
+    assert kernel_kind("triton_poi_fused__foreach_lerp_1") == "optimizer + EMA"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96>>") == "attention"
+    assert kernel_kind("void cudnn::engines_precompiled::nchwToNhwcKernel<float>") == "other"
+    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>") \
+        == "optimizer + EMA"
+    assert kernel_kind("aten::addmm") == "matmul" and kernel_kind("aten::addcdiv_") == "optimizer + EMA"
+    assert kernel_kind("autograd::engine::evaluate_function: AddmmBackward0") == "other"
+
+
+def test_throughput_refuses_bad_profile_settings_and_keeps_rows_as_it_goes(tmp_path, monkeypatch):
+    import subprocess
+
+    tiny = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "DiT-T/8", "--batch", "4",
+            "--input-size", "16", "--num-classes", "10", "--steps", "1", "--warmup", "1", "--device", "cpu"]
+    for bad, message in ((["--profile", "-1"], "--profile -1"), (["--profile-top", "0"], "kernels >= 1"),
+                         (["--sample", "--profile", "2"], "does not apply with --sample")):
+        r = subprocess.run(tiny + bad, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    # A run stopped during its second row (in the GPU check: by the section's time limit)
+    # keeps the first row's table: the table is written after each row.
+    out = tmp_path / "t.md"
+    real = train_throughput.train_row
+
+    def stopped(name, *args):
+        if name == "official-bf16":
+            raise KeyboardInterrupt  # not an Exception: the run ends here, as under a kill
+        return real(name, *args)
+
+    monkeypatch.setattr(train_throughput, "train_row", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_throughput.main(tiny[2:] + ["--rows", "plain,official-bf16", "--out", str(out)])
+    assert [row["row"] for row in md_rows(out)] == ["plain"] and float(md_rows(out)[0]["img_per_s"]) > 0
+
+
 def md_rows(path) -> list[dict]:
     """The rows of a markdown table (tabulate's pipe or github format) as dicts of strings."""
     lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
@@ -116,6 +158,9 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
         r = check(*args, **env)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+    r = check("--help")
+    assert r.returncode == 0 and "profile_XL2" in r.stdout and "ABLATE_GPU_CHECK_BUDGET" in r.stdout
+    assert not (tmp_path / "out").exists()
     # Ctrl-C in a section (one running `ablate run` under its own timeout): the section's
     # processes end, the work folder goes, exit 130.
     out = tmp_path / "run"

@@ -245,3 +245,12 @@ def test_an_evaluation_step_is_a_checkpoint(tmp_path, small):
     resumed, m_resumed = run(tmp_path, "crashed", s, data=small)
     assert max_diff(weights(m_full), weights(m_resumed)) < 1e-6
     assert [e["step"] for e in resumed["evals"]] == [3, 6]
+
+
+def test_sampling_no_images_returns_an_empty_batch():
+    from ablate.models import create_model
+
+    model = create_model("DiT-T/8", input_size=16, num_classes=10)
+    for cfg, uint8 in ((1.0, False), (1.5, False), (1.5, True)):  # guidance once raised on an empty batch
+        x, y = sample_images(model, 0, image_size=16, steps=2, cfg_scale=cfg, uint8=uint8)
+        assert x.shape == (0, 4, 16, 16) and x.dtype == (torch.uint8 if uint8 else torch.float32) and len(y) == 0
