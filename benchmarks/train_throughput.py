@@ -156,9 +156,9 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
 # first: triton_tem* are its matmul templates, other triton_* fused elementwise (or the optimizer's).
 # Then cuBLAS/CUTLASS GEMMs (sm90_xmma, nvjet, cutlass), SDPA's kernels, the fused AdamW and
 # foreach lerp; on a CPU, aten ops by name.
-MATMUL = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
-          "aten::linear")
-ATTENTION = ("flash", "fmha", "attention", "sdpa")
+MATMUL = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::_addmm", "aten::bmm",
+          "aten::matmul", "aten::linear")
+ATTENTION = ("flash", "fmha", "attention", "sdpa", "softmax")  # softmax: the explicit (non-SDPA) attention
 OPTIMIZER = ("adam", "multi_tensor", "foreach", "lerp", "addcdiv")
 
 
@@ -344,9 +344,9 @@ def main(argv=None) -> None:
             traceback.print_exc()
             row = {"row": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
         rows.append(row)
-        print(f"{name}: {row.get('img_per_s', float('nan')):.1f} img/s ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.out:  # the rows so far: a run stopped at its time limit keeps what it measured
             Path(args.out).write_text(report(rows, args, device, kwargs, gflop, counted_by))
+        print(f"{name}: {row.get('img_per_s', float('nan')):.1f} img/s ({time.perf_counter() - t0:.0f} s)", flush=True)
     text = report(rows, args, device, kwargs, gflop, counted_by)
     print("\n" + text, flush=True)
     if args.out:

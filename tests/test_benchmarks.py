@@ -150,9 +150,10 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
 
     def check(*args, **env):
         return subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "OUT": str(tmp_path / "out"), **env}, timeout=60)
+                              env={**os.environ, "OUT": str(tmp_path / "out"), **env}, timeout=300)
 
     for args, env, message in [(["--tiny", "--oops"], {}, "unknown argument '--oops'"),
+                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "1000000"}, "from 1 to 999999"),
                                (["--tiny"], {"ABLATE_GPU_CHECK_SECTIONS": "train_S2,*"}, "no section '*'"),
                                (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "08"}, "'08' is not a whole number")]:
         r = check(*args, **env)
@@ -161,6 +162,17 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
     r = check("--help")
     assert r.returncode == 0 and "profile_XL2" in r.stdout and "ABLATE_GPU_CHECK_BUDGET" in r.stdout
     assert not (tmp_path / "out").exists()
+    # A section whose `ablate run` fails (here: a python3 that runs it, then exits 1) fails the
+    # check, though its table is made: exit 1, and summary.txt says which.
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text(f'#!/bin/bash\nif [ "$2 $3" = "ablate.cli run" ]; then {sys.executable} "$@"; exit 1; fi\n'
+                                  f'exec {sys.executable} "$@"\n')
+    (bin_ / "python3").chmod(0o755)
+    r = check("--tiny", ABLATE_GPU_CHECK_SECTIONS="timing_grid", PATH=f"{bin_}:{os.environ['PATH']}")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "timing_grid: exit 1 " in (tmp_path / "out" / "summary.txt").read_text()
+    assert len(md_rows(tmp_path / "out" / "timing_grid.md")) == 4
     # Ctrl-C in a section (one running `ablate run` under its own timeout): the section's
     # processes end, the work folder goes, exit 130.
     out = tmp_path / "run"

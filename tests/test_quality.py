@@ -267,6 +267,8 @@ def test_ablate_fid_folder_against_dataset(tmp_path, domain):
     (["imagefolder", "digits"], "here give the folder itself"),
     (["latents", "digits"], "'latents' holds VAE latents, not images"),
     (["no/such/folder", "digits"], "'no/such/folder': no such folder"),
+    (["dataset:digitz", "digits"], "'dataset:digitz': no dataset 'digitz' (did you mean 'digits'?)"),
+    (["dataset:./digits", "digits"], "'dataset:./digits': no dataset './digits'"),
     (["EMPTY", "digits"], "no images"),
 ])
 def test_ablate_fid_bad_input_is_one_line(tmp_path, args, message):

@@ -141,16 +141,17 @@ def open_source(text: str, *, image_size: int | None = None, samples: int | None
             keep = torch.randperm(len(src), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
             src = ImageSource(src.images[keep], src.label.rsplit(" n=", 1)[0] + f" n={samples}")
         return src
-    if os.sep in text or "/" in text:  # a path, not a name
+    prefixed = text.startswith(DATASET_PREFIX)
+    if not prefixed and (os.sep in text or "/" in text):  # a path, not a name
         raise SourceError(f"{text!r}: no such folder")
-    text = dataset_name(text)
-    if text in NOT_BY_NAME:
-        raise SourceError(NOT_BY_NAME[text])
-    if text in DATASETS:
-        cfg = {"name": text} if image_size is None else {"name": text, "image_size": image_size}
+    name = dataset_name(text)
+    if name in NOT_BY_NAME:
+        raise SourceError(NOT_BY_NAME[name])
+    if name in DATASETS:
+        cfg = {"name": name} if image_size is None else {"name": name, "image_size": image_size}
         return from_dataset(cfg, samples, seed)
     from ..registry import did_you_mean
 
     named = [d for d in DATASETS.names() if d not in NOT_BY_NAME]
-    raise SourceError(f"{text!r} is neither a folder nor a dataset{did_you_mean(text, named)}; "
-                      f"datasets: {', '.join(named)}")
+    what = f"{text!r}: no dataset {name!r}" if prefixed else f"{text!r} is neither a folder nor a dataset"
+    raise SourceError(f"{what}{did_you_mean(name, named)}; datasets: {', '.join(named)}")
