@@ -67,6 +67,10 @@ def test_kernels_are_grouped_by_the_work_they_do():
         == "optimizer + EMA"
     assert kernel_kind("aten::addmm") == "matmul" and kernel_kind("aten::addcdiv_") == "optimizer + EMA"
     assert kernel_kind("autograd::engine::evaluate_function: AddmmBackward0") == "other"
+    from train_throughput import annotation
+
+    assert annotation("Optimizer.step#AdamW.step") and annotation("ProfilerStep#2")  # spans, not kernels
+    assert not annotation("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>")
 
 
 def test_throughput_refuses_bad_profile_settings_and_keeps_rows_as_it_goes(tmp_path, monkeypatch):
