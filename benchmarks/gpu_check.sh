@@ -26,7 +26,7 @@
 # i 1, j 2 (one max-autotune: minutes), k 1 (max-autotune).
 # Measured on an H100: a1 80 s, a2 27 s, a3 131 s, e 120 s, g 27 s, h 82 s, c 69 s, f 87 s
 # (b and d: ~60-90 s, estimates): the default budget reaches b's start (b timed out in it on
-# 2026-11-27). Sections already measured can be left out; those never run on a GPU (i, j, k:
+# 2026-11-27). Sections already measured can be left out; those not yet run as sections (i, j, k:
 # caps 150 + 240 + 200 s; under a 600 s device call k gets what is left, its table row by row):
 #   export ABLATE_GPU_CHECK_SECTIONS=profile_XL2,train_S2_autotune,sample_XL2_autotune
 #   ABLATE_GPU_CHECK_BUDGET=570 bash benchmarks/gpu_check.sh
@@ -239,7 +239,7 @@ section train_digits_torchrun 110 bash -c run_ddp
 # (i) where the XL/2 step's time goes, eager and compiled (one compile)
 section profile_XL2 150 $PY $TT "${XL[@]}" --rows plain,default --profile 3 --out "$OUT/profile_XL2.md"
 
-# (j, k) max-autotune: Inductor times matmul choices while compiling (minutes; never yet run)
+# (j, k) max-autotune: Inductor times matmul choices while compiling (DiT-S/2: over 185 s on an H100)
 section train_S2_autotune 240 $PY $TT "${S[@]}" "${AUTOTUNE[@]}" --rows official-bf16,default,max-autotune --out "$OUT/train_S2_autotune.md"
 section sample_XL2_autotune 200 $PY $TT "${SAMPLE[@]}" "${AUTOTUNE[@]}" --sample --sample-rows official-bf16,max-autotune \
   --out "$OUT/sample_XL2_autotune.md"
