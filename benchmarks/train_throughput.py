@@ -204,7 +204,8 @@ def profile_steps(runner, args, x, y, device: torch.device) -> dict:
     total = sum(ms.values())
     kinds: dict[str, float] = {}
     for k, v in ms.items():
-        kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0.0) + v
+        kind = kernel_kind(k)
+        kinds[kind] = kinds.get(kind, 0.0) + v
     top = sorted(ms, key=ms.get, reverse=True)[:args.profile_top]
     return {"total_ms": total, "kinds": kinds,
             "top": [{"kernel" if cuda else "op": k[:90], "kind": kernel_kind(k), "calls_per_step": calls[k],
