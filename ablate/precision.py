@@ -13,6 +13,14 @@ import torch
 
 # auto: bf16 where it is native, else tf32 on CUDA and fp32 on CPUs (``resolve_precision``).
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+# Sampling only (``ablate.train.sample_images``): the network itself in bf16, its weights
+# and activations (Lightning's name, beside "bf16" autocast over fp32 weights). Autocast
+# casts every weight at every call and keeps the residual stream, LayerNorms and
+# modulation in fp32; a bf16 network moves half the bytes there, at bf16's rounding in
+# every layer. Training keeps fp32 weights: AdamW moves a weight by about lr = 1e-4 a step,
+# under half of bf16's spacing (8 bits of mantissa) for any weight above 0.05, so most
+# steps would round away.
+TRUE_BF16 = "bf16-true"
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +50,8 @@ def resolve_precision(device: torch.device, precision: str) -> str:
 @contextlib.contextmanager
 def precision_context(device: torch.device, precision: str):
     """fp32: strict fp32 matmuls; tf32: fp32 tensors, TF32 tensor cores (CUDA only);
-    bf16: autocast to bfloat16 (on CPUs with AMX or AVX512-BF16 too)."""
+    bf16: autocast to bfloat16 (on CPUs with AMX or AVX512-BF16 too); bf16-true: neither
+    (the tensors are bf16 themselves)."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:

@@ -19,7 +19,8 @@ What each part buys and how to turn it off:
   fewer launches; on an H100 it bought 2% for DiT-S/2 training and 1% for DiT-XL/2
   sampling, too little to make it the default: a replay overwrites the previous outputs
   and the graphs keep their own memory pool); ``max-autotune-no-cudagraphs`` tunes
-  matmuls (long compiles).
+  matmuls (long compiles); ``coordinate-descent`` tunes Inductor's own fused kernels only
+  (not yet measured on a GPU).
 - The optimizer and the EMA are not compiled: fused AdamW already makes one pass over
   parameters, gradients and moments, and the EMA is one foreach lerp; compiling them
   would cost compile time for a few percent of a step.
@@ -42,7 +43,12 @@ import torch.nn as nn
 from .precision import precision_context, synchronize
 
 COMPILE_CHOICES = ("auto", True, False)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "coordinate-descent")
+# ablate's own modes: Inductor options (torch.compile takes a mode or options, not both).
+# coordinate-descent: Inductor times neighbouring block sizes of each of its fused
+# elementwise and reduction kernels (LayerNorm, modulation, GELU, the loss) while compiling
+# and keeps the fastest; no matmul autotuning (gpt-fast compiles its decoder so).
+MODE_OPTIONS = {"coordinate-descent": {"coordinate_descent_tuning": True}}
 # step: forward + loss as one graph; blocks: each DiT block alone (regional compilation:
 # identical blocks share one compiled graph, so the compile costs about one block).
 COMPILE_SCOPES = ("step", "blocks")
@@ -90,6 +96,8 @@ def compiled(fn: Callable, mode: str = "default") -> Callable:
     compile_cache()
     if BACKEND != "inductor":
         return torch.compile(fn, backend=BACKEND, dynamic=False)
+    if mode in MODE_OPTIONS:
+        return torch.compile(fn, options=MODE_OPTIONS[mode], dynamic=False)
     return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
 
 

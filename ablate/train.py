@@ -28,7 +28,7 @@ import torch.nn as nn
 from .diffusion import LOSSES, SAMPLERS, create_diffusion
 from .distributed import World, all_gather, gather_to_leader, leader_only, mean, world as current_world
 from .precision import PRECISIONS as ALL_PRECISIONS
-from .precision import precision_context, resolve_precision, synchronize
+from .precision import TRUE_BF16, precision_context, resolve_precision, synchronize
 from .files import replace_with, set_aside
 from .settings import ConfigError, choice, one_line, positive
 from .step import (TrainStep, check_compile, compiled, make_optimizer, peak_memory_mb,  # noqa: F401
@@ -109,6 +109,10 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
     (not every rank's share and their concatenation at once); the other ranks get no
     samples back (an empty batch), only rank 0 writes and scores them.
 
+    ``precision``: fp32, tf32, bf16 (autocast), or ``bf16-true``: a bf16 copy of the network
+    (``ablate.precision.TRUE_BF16``) takes bf16 inputs and its output is read back as fp32,
+    so the sampler's arithmetic stays fp32.
+
     ``compile``: the denoising network (with guidance) is compiled for one batch shape;
     the last batch is padded to ``batch_size`` (so its noise, drawn for the padded batch,
     differs from the eager path's), and a compile pays only for thousands of images.
@@ -125,7 +129,10 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
     labels = torch.arange(n, device=device) % model.num_classes
     was_training = model.training
     model.eval()
-    denoise = model if cfg_scale == 1.0 else model.forward_with_cfg
+    network = bf16_copy(model) if precision == TRUE_BF16 else model  # the caller's weights stay fp32
+    denoise = network if cfg_scale == 1.0 else network.forward_with_cfg
+    if precision == TRUE_BF16:
+        denoise = _in_bf16(denoise)
     if compile:
         denoise = compiled(denoise, compile_mode)
     home = torch.device("cpu") if uint8 else device  # where the returned samples live
@@ -176,6 +183,22 @@ def sample_images(model: nn.Module, n: int, *, image_size: int, steps: int = 50,
         full = torch.empty(0, model.in_channels, image_size, image_size,
                            dtype=torch.uint8 if uint8 else torch.float32, device=home)
     return full, labels
+
+
+def bf16_copy(model: nn.Module) -> nn.Module:
+    """A bf16 copy of ``model`` for sampling (``bf16-true``): one cast of its weights, instead
+    of autocast's cast of every weight at every denoising call."""
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def _in_bf16(denoise: Callable) -> Callable:
+    """A bf16 network as a denoiser of fp32 images: bf16 in, its output back as fp32 (the
+    posterior mean and variance the sampler forms from it are fp32 arithmetic)."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        return denoise(x.to(torch.bfloat16), t, **kwargs).float()
+
+    return call
 
 
 def _replay(model: nn.Module) -> Callable:

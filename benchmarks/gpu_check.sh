@@ -21,15 +21,20 @@
 #   j  train_S2_autotune.md      DiT-S/2 batch 256: official +bf16, default, max-autotune (matmuls
 #                        timed at compile: minutes)
 #   k  sample_XL2_autotune.md    b's sampling: official +bf16 and the denoiser with max-autotune
-# (e, g, h, j and k each carry the official +bf16 row: a ratio is only read within one process.)
+#   l  sample_XL2_levers.md      b's sampling: official +bf16, compiled, compiled bf16-true (the
+#                        network cast to bf16, no autocast), each profiled over 2 denoising steps
+#   m  train_S2_levers.md        DiT-S/2 batch 256: official +bf16, default, coordinate-descent
+#                        (Inductor tunes its fused kernels' block sizes), each profiled over 3 steps
+#   n  train_XL2_levers.md       DiT-XL/2 batch 64: official +bf16, default, coordinate-descent
+# (e, g, h, j, k, l, m and n each carry the official +bf16 row: a ratio is only read within one process.)
 # Compiles (about 40-80 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 2, h 2,
-# i 1, j 2 (one max-autotune: minutes), k 1 (max-autotune).
+# i 1, j 2 (one max-autotune: minutes), k 1 (max-autotune), l 2, m 2 (coordinate descent: longer), n 2.
 # Measured on an H100: a1 80 s, a2 27 s, a3 131 s, e 120 s, g 27 s, h 82 s, c 69 s, f 87 s
 # (b and d: ~60-90 s, estimates): the default budget reaches b's start (b timed out in it on
-# 2026-11-27). Sections already measured can be left out; those not yet run as sections (i, j, k:
-# caps 150 + 240 + 200 s; under a 600 s device call k gets what is left, its table row by row):
-#   export ABLATE_GPU_CHECK_SECTIONS=profile_XL2,train_S2_autotune,sample_XL2_autotune
-#   ABLATE_GPU_CHECK_BUDGET=570 bash benchmarks/gpu_check.sh
+# 2026-11-27). Sections already measured can be left out. Never run yet: l, m, n (written
+# 2026-12-07; caps 180 + 180 + 200 s). The next GPU session's one call (about 6 minutes):
+#   export ABLATE_GPU_CHECK_SECTIONS=sample_XL2_levers,train_S2_levers
+#   ABLATE_GPU_CHECK_BUDGET=380 bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~3 min)
@@ -37,6 +42,9 @@
 #   ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,timing_grid bash benchmarks/gpu_check.sh   # only these (commas or spaces)
 # (section names: the table names above without .md, e.g. train_XL2, sample_XL2, train_digits_torchrun)
 set -u
+# A closed stdout (gpu_check.sh | head) must not end the check at its next echo: the tables
+# go to $OUT whatever becomes of the console.
+trap '' PIPE
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 for arg in "$@"; do
@@ -58,10 +66,12 @@ if [ "$TINY" = 1 ]; then SLOW=3; else SLOW=1; fi
 BUDGET=${ABLATE_GPU_CHECK_BUDGET:-$((290 * SLOW))}
 SECTIONS=${ABLATE_GPU_CHECK_SECTIONS:-}
 ALL_SECTIONS="train_S2 train_S2_cached train_XL2 sample_XL2 train_digits train_S2_extra train_XL2_attention \
-sample_XL2_extra timing_grid train_digits_torchrun profile_XL2 train_S2_autotune sample_XL2_autotune"
+sample_XL2_extra timing_grid train_digits_torchrun profile_XL2 train_S2_autotune sample_XL2_autotune \
+sample_XL2_levers train_S2_levers train_XL2_levers"
 # Bad settings: one line, exit 2, nothing written.
-if ! [[ "$BUDGET" =~ ^[1-9][0-9]{0,5}$ ]]; then
-  echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds from 1 to 999999 (written without a leading zero)" >&2; exit 2
+# Under 15 s no section could start: a budget that measures nothing is refused, not run.
+if ! [[ "$BUDGET" =~ ^[1-9][0-9]{0,5}$ ]] || [ "$BUDGET" -lt 15 ]; then
+  echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds from 15 to 999999 (written without a leading zero)" >&2; exit 2
 fi
 # Sections: names separated by commas and/or spaces (split without glob expansion).
 IFS=', ' read -r -a CHOSEN <<< "$SECTIONS"
@@ -243,6 +253,15 @@ section profile_XL2 150 $PY $TT "${XL[@]}" --rows plain,default --profile 3 --ou
 section train_S2_autotune 240 $PY $TT "${S[@]}" "${AUTOTUNE[@]}" --rows official-bf16,default,max-autotune --out "$OUT/train_S2_autotune.md"
 section sample_XL2_autotune 200 $PY $TT "${SAMPLE[@]}" "${AUTOTUNE[@]}" --sample --sample-rows official-bf16,max-autotune \
   --out "$OUT/sample_XL2_autotune.md"
+
+# (l, m, n) levers for the goal ratios not met yet (issue 11), never run on a GPU before:
+# sampling with a bf16 network; Inductor's coordinate-descent tuning of its fused kernels.
+section sample_XL2_levers 180 $PY $TT "${SAMPLE[@]}" --sample --sample-rows official-bf16,default,bf16-true \
+  --profile 2 --out "$OUT/sample_XL2_levers.md"
+section train_S2_levers 180 $PY $TT "${S[@]}" --rows official-bf16,default,coordinate-descent --profile 3 \
+  --out "$OUT/train_S2_levers.md"
+section train_XL2_levers 200 $PY $TT "${XL[@]}" --rows official-bf16,default,coordinate-descent \
+  --out "$OUT/train_XL2_levers.md"
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
 rm -rf "$WORK"

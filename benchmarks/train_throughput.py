@@ -10,7 +10,8 @@ official train.py step (``benchmarks/official.py``: TF32, "+bf16" autocast aroun
 loss); ``plain``, ablate's step with compile off at ``precision: auto``; ``default``,
 ablate's default step (``compile: auto``: compiled on CUDA); ``blocks``, the default with
 regional compilation (``compile_scope: blocks``); ``reduce-overhead``, compiled with CUDA
-graphs; ``checkpointing``, the plain step with activation checkpointing (its peak memory
+graphs; ``max-autotune`` and ``coordinate-descent``, compiled with those ``compile_mode``s
+(``ablate.step``: tuned matmuls; tuned fused elementwise kernels); ``checkpointing``, the plain step with activation checkpointing (its peak memory
 beside ``plain``'s; eager, so that it costs no compile); ``plain-flash``, ``plain-cudnn``,
 ``plain-efficient``: the plain step with PyTorch's attention kernel forced to FlashAttention,
 cuDNN's or the memory-efficient one (``plain`` lets PyTorch choose; DiT-XL/2's head size
@@ -31,7 +32,13 @@ Sampling rows (--sample): ``--images`` latents with guidance ``--cfg`` (a batch 
 that through ``forward_with_cfg``) and ``--sample-steps`` respaced DDPM steps: the
 official sample.py loop (TF32, and under bf16 autocast) against ablate's
 ``sample_images`` (``precision: auto``, eager and compiled at its fixed batch shape;
-``reduce-overhead``: compiled with CUDA graphs).
+``reduce-overhead``: compiled with CUDA graphs; ``max-autotune``, ``coordinate-descent``:
+compiled in those modes; ``bf16-true``: compiled, the network cast to bf16 instead of
+autocast, ``ablate.precision.TRUE_BF16``). ``step_ms`` is one denoising step of the batch.
+
+``--profile N`` adds where the time goes (torch.profiler: the device time of the kernels
+by kind of work, and the top kernels) over N more training steps of each row, or over a
+sample of N denoising steps of each sampling row.
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ from official import OfficialStep, official_sample  # noqa: E402
 from ablate.diffusion import create_diffusion  # noqa: E402
 from ablate.measure.peak import matmul_peak_tflops  # noqa: E402
 from ablate.models import SIZES, create_model, dit_kwargs  # noqa: E402
-from ablate.precision import resolve_precision, synchronize  # noqa: E402
+from ablate.precision import TRUE_BF16, resolve_precision, synchronize  # noqa: E402
 from ablate.step import TrainStep, peak_memory_mb, reset_peak_memory, resolve_compile  # noqa: E402
 from ablate.train import sample_images  # noqa: E402
 
@@ -62,11 +69,13 @@ ATTENTION_ROWS = {"plain-flash": "FLASH_ATTENTION", "plain-cudnn": "CUDNN_ATTENT
                   "plain-efficient": "EFFICIENT_ATTENTION"}
 # Compiled rows and their compile_mode (``ablate.step.COMPILE_MODES``).
 COMPILE_ROWS = {"default": "default", "blocks": "default", "reduce-overhead": "reduce-overhead",
-                "max-autotune": "max-autotune-no-cudagraphs"}
+                "max-autotune": "max-autotune-no-cudagraphs", "coordinate-descent": "coordinate-descent",
+                "bf16-true": "default"}
 TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "max-autotune",
-              "checkpointing", *ATTENTION_ROWS)
+              "coordinate-descent", "checkpointing", *ATTENTION_ROWS)
 DEFAULT_TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default")
-SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default", "reduce-overhead", "max-autotune")
+SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default", "reduce-overhead", "max-autotune",
+               "coordinate-descent", "bf16-true")
 DEFAULT_SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default")
 
 
@@ -107,6 +116,11 @@ def gflops_per_image(kwargs: dict, device: torch.device) -> tuple[float, str]:
     return counter.get_total_flops() / 2 / 1e9, "torch FlopCounterMode"
 
 
+def peak_precision(precision: str) -> str:
+    """The matmul peak a row's MFU is read against: a bf16 network multiplies in bf16."""
+    return "bf16" if precision == TRUE_BF16 else precision
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -142,13 +156,20 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
                            activation_checkpointing=name == "checkpointing")
     with attention(name):
         row = timed_row(name, runner, args, x, y, device, precision, compile_on)
-        if args.profile:
-            try:
-                row["profile"] = profile_steps(runner, args, x, y, device)
-            except Exception as e:  # the row's timing stands; the profile says why it is missing
-                traceback.print_exc()
-                row["profile"] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+        profiled(row, lambda: [runner.step(x, y) for _ in range(args.profile)], args, device)
     return row
+
+
+def profiled(row: dict, work, args, device: torch.device) -> None:
+    """Add ``row["profile"]``: ``work()`` (``args.profile`` steps) under the profiler. A failed
+    profile leaves the row's timing standing and says why it is missing."""
+    if not args.profile:
+        return
+    try:
+        row["profile"] = profile_steps(work, args.profile, args.profile_top, device)
+    except Exception as e:
+        traceback.print_exc()
+        row["profile"] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
 
 
 # Kernel and op names -> what they do. Inductor names its kernels after the aten ops it fused
@@ -183,30 +204,30 @@ def annotation(name: str) -> bool:
     return "#" in name or name.startswith("ProfilerStep")
 
 
-def profile_steps(runner, args, x, y, device: torch.device) -> dict:
-    """Where a step's time goes: ``args.profile`` steps under torch.profiler, each kernel's
-    self time on the device (the CPU's ops on a CPU) per step, the top ones and by kind."""
+def profile_steps(work, steps: int, top_n: int, device: torch.device) -> dict:
+    """Where a step's time goes: ``work()``, which makes ``steps`` steps, under torch.profiler;
+    each kernel's self time on the device (the CPU's ops on a CPU) per step, the top
+    ``top_n`` and the sums by kind."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)
     with profile(activities=acts) as prof:
-        for _ in range(args.profile):
-            runner.step(x, y)
+        work()
         synchronize(device)
     events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
     if cuda:  # the kernels themselves, not the CPU-side ops that launched them
         events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
                   and not annotation(e.key)] or events
-    ms = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / args.profile for e in events}
-    calls = {e.key: e.count / args.profile for e in events}
+    ms = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps for e in events}
+    calls = {e.key: e.count / steps for e in events}
     total = sum(ms.values())
     kinds: dict[str, float] = {}
     for k, v in ms.items():
         kind = kernel_kind(k)
         kinds[kind] = kinds.get(kind, 0.0) + v
-    top = sorted(ms, key=ms.get, reverse=True)[:args.profile_top]
+    top = sorted(ms, key=ms.get, reverse=True)[:top_n]
     return {"total_ms": total, "kinds": kinds,
             "top": [{"kernel" if cuda else "op": k[:90], "kind": kernel_kind(k), "calls_per_step": calls[k],
                      "ms_per_step": ms[k], "share": ms[k] / total} for k in top]}
@@ -273,7 +294,7 @@ def sample_row(name: str, args, device: torch.device, auto_precision: str) -> di
         def run(steps):
             official_sample(model, args.images, steps, args.cfg, bf16, device)
     else:
-        precision = auto_precision
+        precision = TRUE_BF16 if name == "bf16-true" else auto_precision
         compile_on = name != "plain" and resolve_compile(device, args.compile)
 
         mode = COMPILE_ROWS.get(name, "default")
@@ -290,8 +311,11 @@ def sample_row(name: str, args, device: torch.device, auto_precision: str) -> di
     run(args.sample_steps)
     synchronize(device)
     seconds = time.perf_counter() - t0
-    return {"row": name, "precision": precision, "compiled": compile_on, "img_per_s": args.images / seconds,
-            "seconds": seconds, "peak_mem_gib": peak_memory_mb(device) / 1024, "warmup_s": first}
+    row = {"row": name, "precision": precision, "compiled": compile_on, "img_per_s": args.images / seconds,
+           "seconds": seconds, "step_ms": 1e3 * seconds / args.sample_steps,
+           "peak_mem_gib": peak_memory_mb(device) / 1024, "warmup_s": first}
+    profiled(row, lambda: run(args.profile), args, device)  # one sample of --profile denoising steps
+    return row
 
 
 def table(rows: list[dict], flop_per_img: float, peaks: dict, base: str, train: bool) -> str:
@@ -300,9 +324,9 @@ def table(rows: list[dict], flop_per_img: float, peaks: dict, base: str, train: 
         if "img_per_s" not in r:
             continue
         r["vs_official_bf16"] = r["img_per_s"] / ref if ref else float("nan")
-        r["mfu"] = flop_per_img * r["img_per_s"] / (peaks[r["precision"]] * 1e12)
-    cols = ["row", "precision", "compiled", "img_per_s", "vs_official_bf16", "mfu", "peak_mem_gib",
-            "step_ms" if train else "seconds", "first_step_s" if train else "warmup_s"] + (["loss_1"] if train else []) + ["error"]
+        r["mfu"] = flop_per_img * r["img_per_s"] / (peaks[peak_precision(r["precision"])] * 1e12)
+    cols = ["row", "precision", "compiled", "img_per_s", "vs_official_bf16", "mfu", "peak_mem_gib", "step_ms",
+            "first_step_s" if train else "warmup_s"] + (["loss_1"] if train else ["seconds"]) + ["error"]
     out = [{c: r.get(c, "") for c in cols} for r in rows]
     return tabulate(out, headers="keys", floatfmt=".3g", tablefmt="github")
 
@@ -325,7 +349,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="training rows: profile this many more steps (torch.profiler) and add where the time goes")
+                    help="profile this many more steps of each row (torch.profiler; with --sample: a sample of "
+                         "this many denoising steps) and add where the time goes")
     ap.add_argument("--profile-top", type=int, default=15, help="kernels listed per profiled row")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
@@ -339,8 +364,6 @@ def main(argv=None) -> None:
             ap.error(f"unknown row {r!r}; choose from {', '.join(known)}")
     if args.profile < 0 or args.profile_top < 1:
         ap.error(f"--profile {args.profile} / --profile-top {args.profile_top}: steps >= 0, kernels >= 1")
-    if args.profile and args.sample:
-        ap.error("--profile profiles training rows; it does not apply with --sample")
 
     kwargs = dit_kwargs(args.model, input_size=args.input_size, num_classes=args.num_classes)
     gflop, counted_by = gflops_per_image(kwargs, device)
@@ -365,7 +388,7 @@ def main(argv=None) -> None:
 def report(rows: list[dict], args, device: torch.device, kwargs: dict, gflop: float, counted_by: str) -> str:
     """The markdown of the rows so far: a line saying what was measured, the table, the profiles."""
     rows = [dict(r) for r in rows]  # table() adds columns
-    precisions = {r["precision"] for r in rows if "precision" in r}
+    precisions = {peak_precision(r["precision"]) for r in rows if "precision" in r}
     peaks = {p: matmul_peak_tflops(str(device), p) for p in precisions}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     what = (f"sampling {args.images} images, cfg {args.cfg}, {args.sample_steps} steps" if args.sample

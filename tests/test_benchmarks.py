@@ -79,7 +79,7 @@ def test_throughput_refuses_bad_profile_settings_and_keeps_rows_as_it_goes(tmp_p
     tiny = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "DiT-T/8", "--batch", "4",
             "--input-size", "16", "--num-classes", "10", "--steps", "1", "--warmup", "1", "--device", "cpu"]
     for bad, message in ((["--profile", "-1"], "--profile -1"), (["--profile-top", "0"], "kernels >= 1"),
-                         (["--sample", "--profile", "2"], "does not apply with --sample")):
+                         (["--sample", "--sample-rows", "default,bf16-tru"], "unknown row 'bf16-tru'")):
         r = subprocess.run(tiny + bad, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert r.returncode == 2 and message in r.stderr, r.stderr
     # A run stopped during its second row (in the GPU check: by the section's time limit)
@@ -121,19 +121,24 @@ def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
     sections = [line.split(":")[0] for line in summary if ": exit" in line]
     assert sections == ["train_S2", "train_S2_cached", "train_XL2", "sample_XL2", "train_digits", "train_S2_extra",
                         "train_XL2_attention", "sample_XL2_extra", "timing_grid", "train_digits_torchrun", "profile_XL2",
-                        "train_S2_autotune", "sample_XL2_autotune"], summary
+                        "train_S2_autotune", "sample_XL2_autotune", "sample_XL2_levers", "train_S2_levers",
+                        "train_XL2_levers"], summary
     assert all(": exit 0 " in line for line in summary if ": exit" in line), summary
     # The training step's rows, ablate's and the official copy's, measured side by side.
     assert [row["row"] for row in md_rows(out / "train_S2.md")] == ["official-tf32", "official-bf16", "plain",
                                                                     "default"]
     assert all(float(row["img_per_s"]) > 0 for row in md_rows(out / "train_XL2.md"))
     # The profile of each row: its time by kind of work adds up to the profiled total.
-    text = (out / "profile_XL2.md").read_text()
-    for part in text.split("step's time goes")[1:]:
-        total = float(part.split(", ")[1].split(" ms per step")[0])
-        kinds = [line.split("|") for line in part.split("\n\n")[1].splitlines()[2:]]
-        assert sum(float(cells[2]) for cells in kinds) == pytest.approx(total, rel=0.02)
-    assert text.count("step's time goes") == 2  # plain and default
+    for table, rows in (("profile_XL2", 2), ("sample_XL2_levers", 3), ("train_S2_levers", 3)):
+        text = (out / f"{table}.md").read_text()
+        for part in text.split("step's time goes")[1:]:
+            total = float(part.split(", ")[1].split(" ms per step")[0])
+            kinds = [line.split("|") for line in part.split("\n\n")[1].splitlines()[2:]]
+            assert sum(float(cells[2]) for cells in kinds) == pytest.approx(total, rel=0.02)
+        assert text.count("step's time goes") == rows, table  # every row profiled
+    # Sampling with a bf16 network: its row says so, and its MFU is read against the bf16 peak.
+    levers = {row["row"]: row for row in md_rows(out / "sample_XL2_levers.md")}
+    assert levers["bf16-true"]["precision"] == "bf16-true" and float(levers["bf16-true"]["img_per_s"]) > 0
     grid = md_rows(out / "timing_grid.md")
     assert [(row["block"], row["status"]) for row in grid] == [
         ("adaln-zero", "ok"), ("adaln", "ok"), ("cross-attn", "ok"), ("in-context", "ok")]
@@ -157,7 +162,8 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
                               env={**os.environ, "OUT": str(tmp_path / "out"), **env}, timeout=300)
 
     for args, env, message in [(["--tiny", "--oops"], {}, "unknown argument '--oops'"),
-                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "1000000"}, "from 1 to 999999"),
+                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "1000000"}, "from 15 to 999999"),
+                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "14"}, "'14' is not a whole number"),
                                (["--tiny"], {"ABLATE_GPU_CHECK_SECTIONS": "train_S2,*"}, "no section '*'"),
                                (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "08"}, "'08' is not a whole number")]:
         r = check(*args, **env)
@@ -177,6 +183,15 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "timing_grid: exit 1 " in (tmp_path / "out" / "summary.txt").read_text()
     assert len(md_rows(tmp_path / "out" / "timing_grid.md")) == 4
+    # A console that goes away (gpu_check.sh | head -1) does not end the check: its tables do not
+    # depend on it. The reader closes the pipe before the first line is written.
+    p = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, env={**os.environ, "OUT": str(tmp_path / "closed"),
+                                                         "ABLATE_GPU_CHECK_SECTIONS": "sample_XL2"})
+    p.stdout.close()
+    assert p.wait(timeout=240) == 0
+    assert [row["row"] for row in md_rows(tmp_path / "closed" / "sample_XL2.md")] == ["official-bf16", "plain",
+                                                                                      "default"]
     # Ctrl-C in a section (one running `ablate run` under its own timeout): the section's
     # processes end, the work folder goes, exit 130.
     out = tmp_path / "run"

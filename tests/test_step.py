@@ -165,3 +165,60 @@ def test_the_compiled_step_and_sampler_are_each_one_graph():
     assert (train.graph_count, train.graph_break_count) == (1, 0), train.break_reasons
     assert (guided.graph_count, guided.graph_break_count) == (1, 0), guided.break_reasons
     assert train.op_count > guided.op_count  # the loss and its terms are in the graph too
+
+
+def live(model):
+    """Every zero-initialised weight (adaLN-Zero's gates, the output layer) drawn small, so that
+    each block changes its input and the network's rounding reaches the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def test_bf16_true_sampling_rounds_like_autocast_and_keeps_the_fp32_weights(aot_eager):
+    """``bf16-true``: the network cast to bf16 (weights and activations) instead of autocast. One
+    denoiser call is off fp32 by bf16's rounding, of the order of autocast's error;
+    the sampler's own arithmetic stays fp32; the caller's weights are neither cast nor changed;
+    compiled, it samples what it samples eagerly."""
+    from ablate.precision import TRUE_BF16
+    from ablate.train import _in_bf16, bf16_copy
+
+    model = live(tiny_dit(hidden_size=64, depth=2, num_heads=4))
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(8, 4, 8, 8, generator=g), torch.tensor([0, 1, 10, 100, 500, 900, 998, 999]), torch.arange(8)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        true = _in_bf16(bf16_copy(model))(x, t, y=y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model(x, t, y).float()
+    err = lambda o: ((o - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert true.dtype == torch.float32
+    # bf16 rounding: more than none, and of autocast's order (here 6.2e-3 against 3.9e-3)
+    assert 1e-4 < err(true) < min(2e-2, 3 * err(auto)), (err(true), err(auto))
+    kw = dict(image_size=8, steps=4, cfg_scale=1.5, batch_size=4, seed=0)
+    a, _ = sample_images(model, 8, precision="fp32", **kw)
+    b, _ = sample_images(model, 8, precision=TRUE_BF16, **kw)
+    c, _ = sample_images(model, 8, precision="bf16", **kw)
+    assert b.dtype == torch.float32 and 0 < (a - b).abs().mean() < 3 * (a - c).abs().mean()
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    d, _ = sample_images(model, 8, precision=TRUE_BF16, compile=True, **kw)  # two full batches: no padding
+    assert torch.allclose(b, d, atol=1e-6)
+
+
+def test_coordinate_descent_mode_compiles_with_options_this_inductor_has(monkeypatch):
+    """ablate's own compile mode is a set of Inductor options (torch.compile takes a mode or
+    options): each option must exist in the installed Inductor, where a renamed one would raise
+    only on a GPU, at the first call."""
+    import torch._inductor.config as inductor_config
+
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    step_mod.compiled(lambda v: v, "coordinate-descent")
+    assert seen["options"] == {"coordinate_descent_tuning": True} and "mode" not in seen
+    assert all(hasattr(inductor_config, k) for k in step_mod.MODE_OPTIONS["coordinate-descent"])
+    step_mod.compiled(lambda v: v, "reduce-overhead")
+    assert seen["mode"] == "reduce-overhead"
+    assert parse(TrainSettings, {"compile_mode": "coordinate-descent"}, "train").compile_mode == "coordinate-descent"
