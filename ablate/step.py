@@ -26,6 +26,8 @@ What each part buys and how to turn it off:
   would cost compile time for a few percent of a step.
 - ``activation_checkpointing``: each DiT block's activations are recomputed in the
   backward pass (less memory, about a third more compute).
+- ``low_precision_residual`` (off; not a setting until a GPU table shows it pays): under
+  bf16 autocast the residual stream between blocks is bf16 too (``DiT.low_precision_residual``).
 
 Compiled code is cached on disk (``compile_cache``), so cells that share architecture
 and shapes reuse it across processes.
@@ -174,7 +176,8 @@ class TrainStep:
     def __init__(self, model: nn.Module, diffusion, *, precision: str, lr: float = 1e-4,
                  weight_decay: float = 0.0, ema: nn.Module | None = None, ema_decay: float = 0.9999,
                  grad_clip: float | None = None, compile: bool = False, compile_mode: str = "default",
-                 compile_scope: str = "step", activation_checkpointing: bool = False):
+                 compile_scope: str = "step", activation_checkpointing: bool = False,
+                 low_precision_residual: bool = False):
         from .distributed import world
 
         self.model, self.diffusion, self.precision = model, diffusion, precision
@@ -194,6 +197,7 @@ class TrainStep:
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self.optimizer = make_optimizer(self.params, lr, weight_decay)
         model.activation_checkpointing = activation_checkpointing
+        model.low_precision_residual = low_precision_residual
         self.compile = compile
         self.compile_s = 0.0
         self._first = True

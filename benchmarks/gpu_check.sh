@@ -23,18 +23,20 @@
 #   k  sample_XL2_autotune.md    b's sampling: official +bf16 and the denoiser with max-autotune
 #   l  sample_XL2_levers.md      b's sampling: official +bf16, compiled, compiled bf16-true (the
 #                        network cast to bf16, no autocast), each profiled over 2 denoising steps
-#   m  train_S2_levers.md        DiT-S/2 batch 256: official +bf16, default, coordinate-descent
-#                        (Inductor tunes its fused kernels' block sizes), each profiled over 3 steps
-#   n  train_XL2_levers.md       DiT-XL/2 batch 64: official +bf16, default, coordinate-descent
+#   m  train_S2_levers.md        DiT-S/2 batch 256: official +bf16, default, bf16-residual (the residual
+#                        stream in bf16), coordinate-descent (Inductor tunes its fused kernels'
+#                        block sizes), each profiled over 3 steps
+#   n  train_XL2_levers.md       DiT-XL/2 batch 64: official +bf16, default, bf16-residual, coordinate-descent
 # (e, g, h, j, k, l, m and n each carry the official +bf16 row: a ratio is only read within one process.)
 # Compiles (about 40-80 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 2, h 2,
-# i 1, j 2 (one max-autotune: minutes), k 1 (max-autotune), l 2, m 2 (coordinate descent: longer), n 2.
+# i 1, j 2 (one max-autotune: minutes), k 1 (max-autotune), l 2, m 3 (coordinate descent: longer), n 3.
 # Measured on an H100: a1 80 s, a2 27 s, a3 131 s, e 120 s, g 27 s, h 82 s, c 69 s, f 87 s
 # (b and d: ~60-90 s, estimates): the default budget reaches b's start (b timed out in it on
 # 2026-11-27). Sections already measured can be left out. Never run yet: l, m, n (written
-# 2026-12-07; caps 180 + 180 + 200 s). The next GPU session's one call (about 6 minutes):
+# 2026-12-07; caps 170 + 230 + 290 s). The next GPU session's one call (about 6.5 minutes;
+# a section cut short keeps the rows it finished):
 #   export ABLATE_GPU_CHECK_SECTIONS=sample_XL2_levers,train_S2_levers
-#   ABLATE_GPU_CHECK_BUDGET=380 bash benchmarks/gpu_check.sh
+#   ABLATE_GPU_CHECK_BUDGET=400 bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~3 min)
@@ -255,12 +257,12 @@ section sample_XL2_autotune 200 $PY $TT "${SAMPLE[@]}" "${AUTOTUNE[@]}" --sample
   --out "$OUT/sample_XL2_autotune.md"
 
 # (l, m, n) levers for the goal ratios not met yet (issue 11), never run on a GPU before:
-# sampling with a bf16 network; Inductor's coordinate-descent tuning of its fused kernels.
-section sample_XL2_levers 180 $PY $TT "${SAMPLE[@]}" --sample --sample-rows official-bf16,default,bf16-true \
+# sampling with a bf16 network; a bf16 residual stream; Inductor's tuning of its fused kernels.
+section sample_XL2_levers 170 $PY $TT "${SAMPLE[@]}" --sample --sample-rows official-bf16,default,bf16-true \
   --profile 2 --out "$OUT/sample_XL2_levers.md"
-section train_S2_levers 180 $PY $TT "${S[@]}" --rows official-bf16,default,coordinate-descent --profile 3 \
+section train_S2_levers 230 $PY $TT "${S[@]}" --rows official-bf16,default,bf16-residual,coordinate-descent --profile 3 \
   --out "$OUT/train_S2_levers.md"
-section train_XL2_levers 200 $PY $TT "${XL[@]}" --rows official-bf16,default,coordinate-descent \
+section train_XL2_levers 290 $PY $TT "${XL[@]}" --rows official-bf16,default,bf16-residual,coordinate-descent \
   --out "$OUT/train_XL2_levers.md"
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"

@@ -11,7 +11,9 @@ loss); ``plain``, ablate's step with compile off at ``precision: auto``; ``defau
 ablate's default step (``compile: auto``: compiled on CUDA); ``blocks``, the default with
 regional compilation (``compile_scope: blocks``); ``reduce-overhead``, compiled with CUDA
 graphs; ``max-autotune`` and ``coordinate-descent``, compiled with those ``compile_mode``s
-(``ablate.step``: tuned matmuls; tuned fused elementwise kernels); ``checkpointing``, the plain step with activation checkpointing (its peak memory
+(``ablate.step``: tuned matmuls; tuned fused elementwise kernels); ``bf16-residual``, the
+default with the residual stream in bf16 under autocast (``DiT.low_precision_residual``);
+``checkpointing``, the plain step with activation checkpointing (its peak memory
 beside ``plain``'s; eager, so that it costs no compile); ``plain-flash``, ``plain-cudnn``,
 ``plain-efficient``: the plain step with PyTorch's attention kernel forced to FlashAttention,
 cuDNN's or the memory-efficient one (``plain`` lets PyTorch choose; DiT-XL/2's head size
@@ -70,9 +72,9 @@ ATTENTION_ROWS = {"plain-flash": "FLASH_ATTENTION", "plain-cudnn": "CUDNN_ATTENT
 # Compiled rows and their compile_mode (``ablate.step.COMPILE_MODES``).
 COMPILE_ROWS = {"default": "default", "blocks": "default", "reduce-overhead": "reduce-overhead",
                 "max-autotune": "max-autotune-no-cudagraphs", "coordinate-descent": "coordinate-descent",
-                "bf16-true": "default"}
+                "bf16-true": "default", "bf16-residual": "default"}
 TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "max-autotune",
-              "coordinate-descent", "checkpointing", *ATTENTION_ROWS)
+              "coordinate-descent", "bf16-residual", "checkpointing", *ATTENTION_ROWS)
 DEFAULT_TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default")
 SAMPLE_ROWS = ("official-tf32", "official-bf16", "plain", "default", "reduce-overhead", "max-autotune",
                "coordinate-descent", "bf16-true")
@@ -153,7 +155,8 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
         runner = TrainStep(model, create_diffusion(None, learn_sigma=True), precision=precision, ema=ema,
                            compile=compile_on, compile_mode=COMPILE_ROWS.get(name, "default"),
                            compile_scope="blocks" if name == "blocks" else "step",
-                           activation_checkpointing=name == "checkpointing")
+                           activation_checkpointing=name == "checkpointing",
+                           low_precision_residual=name == "bf16-residual")
     with attention(name):
         row = timed_row(name, runner, args, x, y, device, precision, compile_on)
         profiled(row, lambda: [runner.step(x, y) for _ in range(args.profile)], args, device)

@@ -222,3 +222,32 @@ def test_coordinate_descent_mode_compiles_with_options_this_inductor_has(monkeyp
     step_mod.compiled(lambda v: v, "reduce-overhead")
     assert seen["mode"] == "reduce-overhead"
     assert parse(TrainSettings, {"compile_mode": "coordinate-descent"}, "train").compile_mode == "coordinate-descent"
+
+
+
+def test_bf16_residual_stream_is_bf16_and_trains_like_fp32_within_bf16_tolerance(aot_eager):
+    """``low_precision_residual``: under bf16 autocast the tokens between blocks are bf16 (a hook
+    on each block sees its input), without autocast or with the flag off they stay fp32; the
+    compiled step's losses and updates agree with the plain fp32 step to bf16's tolerance."""
+    model = tiny_dit(hidden_size=32, depth=2, num_heads=2, block="in-context")  # its cond tokens are fp32
+    seen = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x, y = batch()
+    t = torch.arange(len(x))
+    for flag, precision, dtype in ((True, "bf16", torch.bfloat16), (False, "bf16", torch.float32),
+                                   (True, "fp32", torch.float32)):
+        seen.clear()
+        model.low_precision_residual = flag
+        with precision_context(x.device, precision):
+            model(x, t, y)
+        assert seen == [dtype, dtype], (flag, precision, seen)
+    losses, model, _ = plain("fp32")
+    losses2, model2, _, _ = fast("bf16", compile=True, low_precision_residual=True)
+    assert model2.low_precision_residual
+    assert losses2 == pytest.approx(losses, rel=2e-2)
+    start = tiny()
+    d1 = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), start.parameters())])
+    d2 = torch.cat([(p - q).flatten() for p, q in zip(model2.parameters(), start.parameters())])
+    assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.95
+    assert max_diff(model, model2) <= 2 * STEPS * LR

@@ -172,6 +172,11 @@ class DiT(nn.Module):
         # Recompute each block's activations in the backward pass instead of keeping them
         # (timm's grad_checkpointing): less memory, about one more forward of compute.
         self.activation_checkpointing = False
+        # Under autocast, the residual stream between blocks in the autocast dtype instead of
+        # fp32 (Megatron-LM's default; DiT keeps fp32): half the bytes of the elementwise work
+        # around each block (residual adds, LayerNorm forward and backward), at bf16's rounding
+        # of every residual add. LayerNorm itself still computes in fp32 (autocast's rule).
+        self.low_precision_residual = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -224,6 +229,8 @@ class DiT(nn.Module):
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         block_cls = type(self.blocks[0])
         x, cond = block_cls.condition(x, t, y)  # the block type decides what "cond" is
+        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # (N, T', D) in bf16
         for blk in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, cond, use_reentrant=False)  # (N, T', D)
