@@ -38,7 +38,8 @@
 #   export ABLATE_GPU_CHECK_SECTIONS=sample_XL2_levers,train_S2_levers
 #   ABLATE_GPU_CHECK_BUDGET=400 bash benchmarks/gpu_check.sh
 #
-#   bash benchmarks/gpu_check.sh            # on the GPU
+#   bash benchmarks/gpu_wheels.sh           # here, first: the wheels the GPU image lacks, into .whl/
+#   bash benchmarks/gpu_check.sh            # on the GPU (a device call carrying .whl: installed from there)
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~3 min)
 #   bash benchmarks/gpu_check.sh --help     # this text
 #   ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,timing_grid bash benchmarks/gpu_check.sh   # only these (commas or spaces)
