@@ -21,6 +21,18 @@ import torch
 ModelFn = Callable[..., torch.Tensor]
 LOSSES = ("hybrid", "mse")
 SAMPLERS = ("ddpm", "ddim")  # ancestral, and DDIM (Song et al. 2021)
+# A respaced process needs two steps: the clipped log-variance of its first posterior step
+# borrows the second's (as ADM and DiT do), and one step has no second.
+MIN_SAMPLE_STEPS = 2
+
+
+def check_sample_steps(settings) -> None:
+    """The ``sample_steps`` check of the ``train:`` and ``fid:`` sections."""
+    from .settings import ConfigError
+
+    if settings.sample_steps < MIN_SAMPLE_STEPS:
+        raise ConfigError("sample_steps", f"{settings.sample_steps!r} must be >= {MIN_SAMPLE_STEPS} (a respaced "
+                                          f"sampler has at least {MIN_SAMPLE_STEPS} steps)")
 
 
 # ---------------------------------------------------------------------------------

@@ -33,10 +33,10 @@
 # Measured on an H100: a1 80 s, a2 27 s, a3 131 s, e 120 s, g 27 s, h 82 s, c 69 s, f 87 s
 # (b and d: ~60-90 s, estimates): the default budget reaches b's start (b timed out in it on
 # 2026-11-27). Sections already measured can be left out. Never run yet: l, m, n (written
-# 2026-12-07; caps 170 + 230 + 290 s). The next GPU session's one call (about 6.5 minutes;
-# a section cut short keeps the rows it finished):
+# 2026-12-07; caps 170 + 230 + 290 s). The next GPU session's one call (about 7 minutes with
+# the set-up; a section cut short keeps the rows it finished):
 #   export ABLATE_GPU_CHECK_SECTIONS=sample_XL2_levers,train_S2_levers
-#   ABLATE_GPU_CHECK_BUDGET=400 bash benchmarks/gpu_check.sh
+#   ABLATE_GPU_CHECK_BUDGET=420 bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_wheels.sh           # here, first: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_check.sh            # on the GPU (a device call carrying .whl: installed from there)
@@ -72,9 +72,10 @@ ALL_SECTIONS="train_S2 train_S2_cached train_XL2 sample_XL2 train_digits train_S
 sample_XL2_extra timing_grid train_digits_torchrun profile_XL2 train_S2_autotune sample_XL2_autotune \
 sample_XL2_levers train_S2_levers train_XL2_levers"
 # Bad settings: one line, exit 2, nothing written.
-# Under 15 s no section could start: a budget that measures nothing is refused, not run.
+# Under 15 s no section could start: such a budget is refused, not run. (A budget that the
+# set-up spends before the first section starts fails at the end: nothing was measured.)
 if ! [[ "$BUDGET" =~ ^[1-9][0-9]{0,5}$ ]] || [ "$BUDGET" -lt 15 ]; then
-  echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' is not a whole number of seconds from 15 to 999999 (written without a leading zero)" >&2; exit 2
+  echo "error: ABLATE_GPU_CHECK_BUDGET: '$BUDGET' must be a whole number of seconds, 15 to 999999, without a leading zero" >&2; exit 2
 fi
 # Sections: names separated by commas and/or spaces (split without glob expansion).
 IFS=', ' read -r -a CHOSEN <<< "$SECTIONS"
@@ -94,6 +95,7 @@ WORK=$(mktemp -d /tmp/ablate-gpu-check.XXXX)  # results folders with checkpoints
 # group), remove the work folder, and exit as interrupted.
 RUNNING=""
 FAILED=0
+RAN=0
 stop() {
   [ -n "$RUNNING" ] && kill -TERM "$RUNNING" 2>/dev/null && wait "$RUNNING" 2>/dev/null
   rm -rf "$WORK"
@@ -135,6 +137,7 @@ section() {
     echo "$name: skipped, budget spent" | tee -a "$OUT/summary.txt"
     return
   fi
+  RAN=$((RAN + 1))
   echo "== $name (at most ${t} s)"
   local s=$(date +%s)
   export SECTION_S=$t
@@ -267,5 +270,9 @@ section train_XL2_levers 290 $PY $TT "${XL[@]}" --rows official-bf16,default,bf1
   --out "$OUT/train_XL2_levers.md"
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
+if [ "$RAN" = 0 ]; then
+  echo "error: no section ran: the budget (${BUDGET} s) was spent before the first one could start" | tee -a "$OUT/summary.txt" >&2
+  FAILED=1
+fi
 rm -rf "$WORK"
 exit "$FAILED"

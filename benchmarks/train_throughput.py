@@ -56,10 +56,11 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's ablate, not whichever one is installed: a benchmark measures the code beside it.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from official import OfficialStep, official_sample  # noqa: E402
 
-from ablate.diffusion import create_diffusion  # noqa: E402
+from ablate.diffusion import MIN_SAMPLE_STEPS, create_diffusion  # noqa: E402
 from ablate.measure.peak import matmul_peak_tflops  # noqa: E402
 from ablate.models import SIZES, create_model, dit_kwargs  # noqa: E402
 from ablate.precision import TRUE_BF16, resolve_precision, synchronize  # noqa: E402
@@ -159,6 +160,7 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
                            low_precision_residual=name == "bf16-residual")
     with attention(name):
         row = timed_row(name, runner, args, x, y, device, precision, compile_on)
+        row["note"] = inert(name, precision, compile_on)
         profiled(row, lambda: [runner.step(x, y) for _ in range(args.profile)], args, device)
     return row
 
@@ -266,6 +268,16 @@ def attention(row: str):
     return sdpa_kernel(getattr(SDPBackend, ATTENTION_ROWS[row]))
 
 
+def inert(name: str, precision: str, compile_on: bool) -> str:
+    """Why a lever's row measures the ``default`` step here, if it does: its lever needs
+    autocast (``bf16-residual``) or the compile (a compile mode or scope)."""
+    if name == "bf16-residual" and precision != "bf16":
+        return f"= default here: {precision} has no autocast, the residual stream is {precision} anyway"
+    if name in COMPILE_ROWS and name not in ("default", "bf16-true", "bf16-residual") and not compile_on:
+        return "= default here: not compiled (--compile true compiles it)"
+    return ""
+
+
 def timed_row(name, runner, args, x, y, device, precision, compile_on) -> dict:
     t0 = time.perf_counter()
     loss_1 = float(runner.step(x, y))  # same seed, same draws in every row: agree to the precision
@@ -316,7 +328,8 @@ def sample_row(name: str, args, device: torch.device, auto_precision: str) -> di
     seconds = time.perf_counter() - t0
     row = {"row": name, "precision": precision, "compiled": compile_on, "img_per_s": args.images / seconds,
            "seconds": seconds, "step_ms": 1e3 * seconds / args.sample_steps,
-           "peak_mem_gib": peak_memory_mb(device) / 1024, "warmup_s": first}
+           "peak_mem_gib": peak_memory_mb(device) / 1024, "warmup_s": first,
+           "note": inert(name, precision, compile_on)}
     profiled(row, lambda: run(args.profile), args, device)  # one sample of --profile denoising steps
     return row
 
@@ -329,7 +342,7 @@ def table(rows: list[dict], flop_per_img: float, peaks: dict, base: str, train: 
         r["vs_official_bf16"] = r["img_per_s"] / ref if ref else float("nan")
         r["mfu"] = flop_per_img * r["img_per_s"] / (peaks[peak_precision(r["precision"])] * 1e12)
     cols = ["row", "precision", "compiled", "img_per_s", "vs_official_bf16", "mfu", "peak_mem_gib", "step_ms",
-            "first_step_s" if train else "warmup_s"] + (["loss_1"] if train else ["seconds"]) + ["error"]
+            "first_step_s" if train else "warmup_s"] + (["loss_1"] if train else ["seconds"]) + ["note", "error"]
     out = [{c: r.get(c, "") for c in cols} for r in rows]
     return tabulate(out, headers="keys", floatfmt=".3g", tablefmt="github")
 
@@ -343,11 +356,13 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per row")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per row (the first compiles)")
-    ap.add_argument("--rows", default=",".join(DEFAULT_TRAIN_ROWS), help=f"training rows: {', '.join(TRAIN_ROWS)}")
+    ap.add_argument("--rows", default=None, help=f"training rows (default {','.join(DEFAULT_TRAIN_ROWS)}): "
+                                                f"{', '.join(TRAIN_ROWS)}")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                     help="what compile: auto means for the default rows")
     ap.add_argument("--sample", action="store_true", help="the sampling table instead of the training table")
-    ap.add_argument("--sample-rows", default=",".join(DEFAULT_SAMPLE_ROWS), help=f"sampling rows: {', '.join(SAMPLE_ROWS)}")
+    ap.add_argument("--sample-rows", default=None, help=f"with --sample, sampling rows (default "
+                                                       f"{','.join(DEFAULT_SAMPLE_ROWS)}): {', '.join(SAMPLE_ROWS)}")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=1.5)
@@ -360,7 +375,17 @@ def main(argv=None) -> None:
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     device = torch.device(args.device)
     auto_precision = resolve_precision(device, "auto")
-    rows_wanted = (args.sample_rows if args.sample else args.rows).split(",")
+    if args.sample and args.rows is not None:
+        ap.error("--rows names training rows; with --sample use --sample-rows")
+    if not args.sample and args.sample_rows is not None:
+        ap.error("--sample-rows applies with --sample (the sampling table)")
+    for name, least in (("batch", 1), ("steps", 1), ("warmup", 1), ("images", 1), ("sample_steps", MIN_SAMPLE_STEPS)):
+        if getattr(args, name) < least:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {least}")
+    if args.sample and args.profile == 1:
+        ap.error(f"--profile 1 with --sample: a sample has at least {MIN_SAMPLE_STEPS} denoising steps; profile 2 or more")
+    rows_wanted = (args.sample_rows or ",".join(DEFAULT_SAMPLE_ROWS) if args.sample
+                   else args.rows or ",".join(DEFAULT_TRAIN_ROWS)).split(",")
     known = SAMPLE_ROWS if args.sample else TRAIN_ROWS
     for r in rows_wanted:
         if r not in known:

@@ -79,7 +79,12 @@ def test_throughput_refuses_bad_profile_settings_and_keeps_rows_as_it_goes(tmp_p
     tiny = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "DiT-T/8", "--batch", "4",
             "--input-size", "16", "--num-classes", "10", "--steps", "1", "--warmup", "1", "--device", "cpu"]
     for bad, message in ((["--profile", "-1"], "--profile -1"), (["--profile-top", "0"], "kernels >= 1"),
-                         (["--sample", "--sample-rows", "default,bf16-tru"], "unknown row 'bf16-tru'")):
+                         (["--sample", "--sample-rows", "default,bf16-tru"], "unknown row 'bf16-tru'"),
+                         (["--sample", "--profile", "1"], "at least 2 denoising steps"),
+                         (["--sample", "--sample-steps", "1"], "--sample-steps 1: must be >= 2"),
+                         (["--sample", "--images", "0"], "--images 0: must be >= 1"),
+                         (["--sample", "--rows", "plain"], "with --sample use --sample-rows"),
+                         (["--sample-rows", "plain"], "applies with --sample")):
         r = subprocess.run(tiny + bad, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert r.returncode == 2 and message in r.stderr, r.stderr
     # A run stopped during its second row (in the GPU check: by the section's time limit)
@@ -96,6 +101,42 @@ def test_throughput_refuses_bad_profile_settings_and_keeps_rows_as_it_goes(tmp_p
     with pytest.raises(KeyboardInterrupt):
         train_throughput.main(tiny[2:] + ["--rows", "plain,official-bf16", "--out", str(out)])
     assert [row["row"] for row in md_rows(out)] == ["plain"] and float(md_rows(out)[0]["img_per_s"]) > 0
+
+
+def test_lever_rows_turn_their_lever_on_and_say_where_it_cannot_act(tmp_path, monkeypatch):
+    """Each lever row hands its lever to ablate (``bf16-residual``: the bf16 stream;
+    ``coordinate-descent``: that compile mode; ``bf16-true``: a bf16 network), and a row whose
+    lever cannot act here (no autocast, no compile) says in its note that it measured the default."""
+    from ablate.precision import resolve_precision
+
+    calls = []
+    real_step, real_sample = train_throughput.TrainStep, train_throughput.sample_images
+    monkeypatch.setattr(train_throughput, "TrainStep", lambda *a, **kw: calls.append(kw) or real_step(*a, **kw))
+    monkeypatch.setattr(train_throughput, "sample_images", lambda *a, **kw: calls.append(kw) or real_sample(*a, **kw))
+    tiny = ["--model", "DiT-T/8", "--input-size", "16", "--num-classes", "10", "--device", "cpu", "--compile", "false"]
+    out = tmp_path / "t.md"
+    train_throughput.main(tiny + ["--batch", "2", "--steps", "1", "--warmup", "1",
+                                  "--rows", "default,bf16-residual,coordinate-descent", "--out", str(out)])
+    default, residual, tuned = calls
+    assert (default["low_precision_residual"], default["compile_mode"]) == (False, "default")
+    assert (residual["low_precision_residual"], residual["compile_mode"]) == (True, "default")
+    assert (tuned["low_precision_residual"], tuned["compile_mode"]) == (False, "coordinate-descent")
+    notes = {row["row"]: row["note"] for row in md_rows(out)}
+    assert notes["default"] == "" and notes["coordinate-descent"].startswith("= default here: not compiled")
+    bf16 = resolve_precision(torch.device("cpu"), "auto") == "bf16"
+    assert (notes["bf16-residual"] == "") == bf16, notes  # inert only where auto is not bf16 autocast
+    calls.clear()
+    train_throughput.main(tiny + ["--sample", "--images", "2", "--sample-steps", "2", "--sample-rows", "default,bf16-true"])
+    assert {c["precision"] for c in calls[:2]} == {resolve_precision(torch.device("cpu"), "auto")}  # warm-up, timed
+    assert {c["precision"] for c in calls[2:]} == {"bf16-true"} and len(calls) == 4
+
+
+def test_mfu_of_a_bf16_network_is_read_against_the_bf16_peak():
+    rows = [{"row": "official-bf16", "precision": "bf16", "img_per_s": 10.0},
+            {"row": "bf16-true", "precision": "bf16-true", "img_per_s": 20.0}]
+    train_throughput.table(rows, 1e11, {"bf16": 2.0, "fp32": 8.0}, "official-bf16", train=False)
+    assert rows[1]["mfu"] == pytest.approx(1e11 * 20.0 / 2e12) and rows[1]["vs_official_bf16"] == 2.0
+    assert rows[0]["mfu"] == pytest.approx(1e11 * 10.0 / 2e12)
 
 
 def md_rows(path) -> list[dict]:
@@ -129,7 +170,7 @@ def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
                                                                     "default"]
     assert all(float(row["img_per_s"]) > 0 for row in md_rows(out / "train_XL2.md"))
     # The profile of each row: its time by kind of work adds up to the profiled total.
-    for table, rows in (("profile_XL2", 2), ("sample_XL2_levers", 3), ("train_S2_levers", 3)):
+    for table, rows in (("profile_XL2", 2), ("sample_XL2_levers", 3), ("train_S2_levers", 4)):
         text = (out / f"{table}.md").read_text()
         for part in text.split("step's time goes")[1:]:
             total = float(part.split(", ")[1].split(" ms per step")[0])
@@ -153,6 +194,7 @@ def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
 
 def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
     import os
+    import shutil
     import signal
     import subprocess
     import time
@@ -162,13 +204,18 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
                               env={**os.environ, "OUT": str(tmp_path / "out"), **env}, timeout=300)
 
     for args, env, message in [(["--tiny", "--oops"], {}, "unknown argument '--oops'"),
-                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "1000000"}, "from 15 to 999999"),
-                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "14"}, "'14' is not a whole number"),
+                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "1000000"}, "15 to 999999"),
+                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "14"}, "'14' must be a whole number"),
                                (["--tiny"], {"ABLATE_GPU_CHECK_SECTIONS": "train_S2,*"}, "no section '*'"),
-                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "08"}, "'08' is not a whole number")]:
+                               (["--tiny"], {"ABLATE_GPU_CHECK_BUDGET": "08"}, "without a leading zero")]:
         r = check(*args, **env)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+    # A budget the set-up spends before the first section (it starts Python twice): nothing
+    # measured is a failure, not a pass.
+    r = check("--tiny", ABLATE_GPU_CHECK_BUDGET="15", ABLATE_GPU_CHECK_SECTIONS="sample_XL2")
+    assert r.returncode == 1 and "no section ran" in r.stderr, r.stdout + r.stderr
+    shutil.rmtree(tmp_path / "out")
     r = check("--help")
     assert r.returncode == 0 and "profile_XL2" in r.stdout and "ABLATE_GPU_CHECK_BUDGET" in r.stdout
     assert not (tmp_path / "out").exists()

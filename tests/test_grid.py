@@ -132,6 +132,11 @@ BAD = {
     "unknown dataset option": ("base: {model: DiT-T/4, data: {name: digits, imagesize: 8}}", "base.data.imagesize",
                                "did you mean 'image_size'"),
     "negative seed axis": (f"grid: {{seed: [0, -1]}}\nbase: {{{M}}}", "grid.seed", "-1 must be >= 0"),
+    # A one-step respaced process cannot be built (its first posterior variance borrows the second's).
+    "one sampling step": (f"base: {{{M}, measure: [fid], fid: {{sample_steps: 1}}}}", "base.fid.sample_steps",
+                          "1 must be >= 2"),
+    "one evaluation step": (f"base: {{{M}, measure: [train], train: {{sample_steps: 1, sampler: ddim}}}}",
+                            "base.train.sample_steps", "1 must be >= 2"),
 }
 
 

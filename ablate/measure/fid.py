@@ -34,12 +34,13 @@ class FidSettings:
     compile: bool | str = "auto"
 
     def check(self) -> None:
-        from ..diffusion import SAMPLERS
+        from ..diffusion import SAMPLERS, check_sample_steps
         from ..quality.extractors import EXTRACTORS
 
         if self.samples < 2:
             raise ConfigError("samples", f"{self.samples!r} must be >= 2 (FID needs a covariance)")
         positive(self, "batch_size", "sample_steps", "cfg_scale")
+        check_sample_steps(self)
         positive(self, "seed", allow_zero=True)
         choice(self, "sampler", SAMPLERS)
         choice(self, "extractor", ("auto", *EXTRACTORS.names()))
