@@ -193,6 +193,11 @@ def bf16_copy(model: nn.Module) -> nn.Module:
     ``sample_images`` call, instead of autocast's cast of every weight at every denoising
     call. Each tensor is cast as it is copied (deepcopy's memo holds the casts), so no second
     fp32 copy exists even for a moment (DiT-XL/2: 2.7 GB)."""
+    if any(getattr(b, "_ablate_compiled", False) for b in getattr(model, "blocks", ())):
+        # A copy would keep the original's compiled block forwards (closures over fp32 blocks).
+        raise ValueError("bf16-true sampling needs a model whose blocks are not compiled in place "
+                         "(compile_scope: blocks): sample from its EMA, or compile the sampler instead")
+
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(torch.bfloat16) if t.is_floating_point() else t.detach().clone()
 

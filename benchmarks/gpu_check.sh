@@ -3,7 +3,8 @@
 # (default 290 s: ABLATE_GPU_CHECK_BUDGET; a section that would start with under 15 s left is
 # skipped, and listed so in summary.txt). Each table lands in $OUT/ (default /tmp/ablate-gpu-check)
 # as it is made (the benchmark tables row by row); exit 0 when every section that ran exited 0,
-# else 1 (summary.txt says which; a section skipped for the budget is not a failure):
+# else 1 (summary.txt says which; a section skipped for the budget is not a failure, but no
+# section run at all is):
 #   a1 train_S2.md       DiT-S/2 batch 256: official TF32, official +bf16, ablate plain, ablate default
 #   a2 train_S2_cached.md the default row again in a new process: the compile from the disk cache
 #   a3 train_XL2.md      DiT-XL/2 batch 64, the same four rows and regional compilation (blocks)

@@ -35,7 +35,7 @@ that through ``forward_with_cfg``) and ``--sample-steps`` respaced DDPM steps: t
 official sample.py loop (TF32, and under bf16 autocast) against ablate's
 ``sample_images`` (``precision: auto``, eager and compiled at its fixed batch shape;
 ``reduce-overhead``: compiled with CUDA graphs; ``max-autotune``, ``coordinate-descent``:
-compiled in those modes; ``bf16-true``: compiled, the network cast to bf16 instead of
+compiled in those modes; ``bf16-true``: compiled where ``default`` is, the network cast to bf16 instead of
 autocast, ``ablate.precision.TRUE_BF16``). ``step_ms`` is one denoising step of the batch.
 
 ``--profile N`` adds where the time goes (torch.profiler: the device time of the kernels
@@ -270,11 +270,13 @@ def attention(row: str):
 
 def inert(name: str, precision: str, compile_on: bool) -> str:
     """Why a lever's row measures the ``default`` step here, if it does: its lever needs
-    autocast (``bf16-residual``) or the compile (a compile mode or scope)."""
+    autocast (``bf16-residual``), the compile (a compile mode or scope), or CUDA (CUDA graphs)."""
     if name == "bf16-residual" and precision != "bf16":
-        return f"= default here: {precision} has no autocast, the residual stream is {precision} anyway"
+        return f"= default here: {precision} has no autocast, the residual stream is fp32 anyway"
     if name in COMPILE_ROWS and name not in ("default", "bf16-true", "bf16-residual") and not compile_on:
         return "= default here: not compiled (--compile true compiles it)"
+    if name == "reduce-overhead" and not torch.cuda.is_available():
+        return "= default here: CUDA graphs need CUDA"
     return ""
 
 
@@ -384,8 +386,9 @@ def main(argv=None) -> None:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {least}")
     if args.sample and args.profile == 1:
         ap.error(f"--profile 1 with --sample: a sample has at least {MIN_SAMPLE_STEPS} denoising steps; profile 2 or more")
-    rows_wanted = (args.sample_rows or ",".join(DEFAULT_SAMPLE_ROWS) if args.sample
-                   else args.rows or ",".join(DEFAULT_TRAIN_ROWS)).split(",")
+    given = args.sample_rows if args.sample else args.rows
+    rows_wanted = (given if given is not None else ",".join(DEFAULT_SAMPLE_ROWS if args.sample
+                                                            else DEFAULT_TRAIN_ROWS)).split(",")
     known = SAMPLE_ROWS if args.sample else TRAIN_ROWS
     for r in rows_wanted:
         if r not in known:

@@ -125,6 +125,8 @@ def test_lever_rows_turn_their_lever_on_and_say_where_it_cannot_act(tmp_path, mo
     assert notes["default"] == "" and notes["coordinate-descent"].startswith("= default here: not compiled")
     bf16 = resolve_precision(torch.device("cpu"), "auto") == "bf16"
     assert (notes["bf16-residual"] == "") == bf16, notes  # inert only where auto is not bf16 autocast
+    assert train_throughput.inert("reduce-overhead", "bf16", True) == (
+        "" if torch.cuda.is_available() else "= default here: CUDA graphs need CUDA")
     calls.clear()
     train_throughput.main(tiny + ["--sample", "--images", "2", "--sample-steps", "2", "--sample-rows", "default,bf16-true"])
     assert {c["precision"] for c in calls[:2]} == {resolve_precision(torch.device("cpu"), "auto")}  # warm-up, timed

@@ -206,6 +206,10 @@ def test_bf16_true_sampling_rounds_like_autocast_and_keeps_the_fp32_weights(aot_
     assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
     d, _ = sample_images(model, 8, precision=TRUE_BF16, compile=True, **kw)  # two full batches: no padding
     assert torch.allclose(b, d, atol=1e-6)
+    # Blocks compiled in place would be copied as closures over the fp32 blocks: refused, not a dtype crash.
+    step_mod.compile_blocks(model)
+    with pytest.raises(ValueError, match="blocks are not compiled in place"):
+        sample_images(model, 8, precision=TRUE_BF16, **kw)
 
 
 def test_coordinate_descent_mode_compiles_with_options_this_inductor_has(monkeypatch):
