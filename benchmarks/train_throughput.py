@@ -64,6 +64,7 @@ from ablate.diffusion import MIN_SAMPLE_STEPS, create_diffusion  # noqa: E402
 from ablate.measure.peak import matmul_peak_tflops  # noqa: E402
 from ablate.models import SIZES, create_model, dit_kwargs  # noqa: E402
 from ablate.precision import TRUE_BF16, resolve_precision, synchronize  # noqa: E402
+from ablate.settings import one_line  # noqa: E402
 from ablate.step import TrainStep, peak_memory_mb, reset_peak_memory, resolve_compile  # noqa: E402
 from ablate.train import sample_images  # noqa: E402
 
@@ -73,7 +74,7 @@ ATTENTION_ROWS = {"plain-flash": "FLASH_ATTENTION", "plain-cudnn": "CUDNN_ATTENT
 # Compiled rows and their compile_mode (``ablate.step.COMPILE_MODES``).
 COMPILE_ROWS = {"default": "default", "blocks": "default", "reduce-overhead": "reduce-overhead",
                 "max-autotune": "max-autotune-no-cudagraphs", "coordinate-descent": "coordinate-descent",
-                "bf16-true": "default", "bf16-residual": "default"}
+                "bf16-residual": "default"}
 TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default", "blocks", "reduce-overhead", "max-autotune",
               "coordinate-descent", "bf16-residual", "checkpointing", *ATTENTION_ROWS)
 DEFAULT_TRAIN_ROWS = ("official-tf32", "official-bf16", "plain", "default")
@@ -174,7 +175,7 @@ def profiled(row: dict, work, args, device: torch.device) -> None:
         row["profile"] = profile_steps(work, args.profile, args.profile_top, device)
     except Exception as e:
         traceback.print_exc()
-        row["profile"] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+        row["profile"] = {"error": one_line(e, with_type=True)[:200]}
 
 
 # Kernel and op names -> what they do. Inductor names its kernels after the aten ops it fused
@@ -273,7 +274,7 @@ def inert(name: str, precision: str, compile_on: bool) -> str:
     autocast (``bf16-residual``), the compile (a compile mode or scope), or CUDA (CUDA graphs)."""
     if name == "bf16-residual" and precision != "bf16":
         return f"= default here: {precision} has no autocast, the residual stream is fp32 anyway"
-    if name in COMPILE_ROWS and name not in ("default", "bf16-true", "bf16-residual") and not compile_on:
+    if name in COMPILE_ROWS and name not in ("default", "bf16-residual") and not compile_on:
         return "= default here: not compiled (--compile true compiles it)"
     if name == "reduce-overhead" and not torch.cuda.is_available():
         return "= default here: CUDA graphs need CUDA"
@@ -405,7 +406,7 @@ def main(argv=None) -> None:
             row = (sample_row if args.sample else train_row)(name, args, device, auto_precision)
         except Exception as e:  # out of memory, a compile error: a row, not a crash
             traceback.print_exc()
-            row = {"row": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+            row = {"row": name, "error": one_line(e, with_type=True)[:200]}
         rows.append(row)
         if args.out:  # the rows so far: a run stopped at its time limit keeps what it measured
             Path(args.out).write_text(report(rows, args, device, kwargs, gflop, counted_by))

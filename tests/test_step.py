@@ -68,6 +68,17 @@ def max_diff(a, b) -> float:
     return max((p.float() - q.float()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+def assert_trains_like_fp32_within_bf16(losses, model, losses2, model2) -> None:
+    """A bf16 run (losses2, model2) against the plain fp32 one from the same start."""
+    assert losses2 == pytest.approx(losses, rel=2e-2)
+    start = tiny()
+    # Adam's first steps are about lr * sign(grad): compare the directions of the updates.
+    d1 = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), start.parameters())])
+    d2 = torch.cat([(p - q).flatten() for p, q in zip(model2.parameters(), start.parameters())])
+    assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.95
+    assert max_diff(model, model2) <= 2 * STEPS * LR
+
+
 def test_eager_step_equals_the_plain_step_bit_for_bit():
     # The labels are dropped outside the model, from the same RNG draw, in the same order.
     losses, model, ema = plain()
@@ -90,13 +101,7 @@ def test_regionally_compiled_bf16_step_matches_plain_fp32_within_bf16_tolerance(
     losses2, model2, _, _ = fast("bf16", compile=True, compile_scope="blocks")
     assert list(model2.state_dict()) == list(model.state_dict())  # compiled in place: same keys
     assert all(b._ablate_compiled for b in model2.blocks)
-    assert losses2 == pytest.approx(losses, rel=2e-2)
-    start = tiny()
-    # Adam's first steps are about lr * sign(grad): compare the directions of the updates.
-    d1 = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), start.parameters())])
-    d2 = torch.cat([(p - q).flatten() for p, q in zip(model2.parameters(), start.parameters())])
-    assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.95
-    assert max_diff(model, model2) <= 2 * STEPS * LR
+    assert_trains_like_fp32_within_bf16(losses, model, losses2, model2)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -249,9 +254,4 @@ def test_bf16_residual_stream_is_bf16_and_trains_like_fp32_within_bf16_tolerance
     losses, model, _ = plain("fp32")
     losses2, model2, _, _ = fast("bf16", compile=True, low_precision_residual=True)
     assert model2.low_precision_residual
-    assert losses2 == pytest.approx(losses, rel=2e-2)
-    start = tiny()
-    d1 = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), start.parameters())])
-    d2 = torch.cat([(p - q).flatten() for p, q in zip(model2.parameters(), start.parameters())])
-    assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.95
-    assert max_diff(model, model2) <= 2 * STEPS * LR
+    assert_trains_like_fp32_within_bf16(losses, model, losses2, model2)
