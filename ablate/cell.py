@@ -22,7 +22,7 @@ from .data import build_dataset, check_dataset_config
 from .measure import MEASURES, Measurement
 from .models import BLOCKS, SIZES, dit_kwargs, model_name, parse_model_name
 from .registry import UnknownName, did_you_mean
-from .settings import ConfigError, parse
+from .settings import ConfigError, keyed, parse
 
 
 @dataclass
@@ -144,7 +144,9 @@ def cell_id(config: dict) -> str:
 
 
 def measurement_key(config: dict, name: str) -> str:
-    """Hash of exactly what a measurement's result depends on (see ``Measurement.uses``).
+    """Hash of exactly what a measurement's result depends on (see ``Measurement.uses``):
+    those cell settings, its section (a field ``added_later`` only where it is set) and its
+    prerequisites' keys.
 
     For a measurement that uses ``device`` (timing), that is the device the setting resolves
     to here, not the setting as written: ``auto`` on a GPU node and on a CPU node are two
@@ -155,7 +157,7 @@ def measurement_key(config: dict, name: str) -> str:
         inputs["device"] = device_identity(config["device"], config.get("threads"))
         if "threads" in inputs and inputs["device"]["type"] == "cpu":
             inputs["threads"] = inputs["device"]["threads"]  # threads: null and 2 on 2 cores are one result
-    inputs["_section"] = config.get(name)
+    inputs["_section"] = keyed(m.settings, config.get(name)) if m.settings else config.get(name)
     inputs["_needs"] = {dep: measurement_key(config, dep) for dep in m.needs}
     return f"{name}-{_digest(inputs)}"
 

@@ -90,6 +90,27 @@ def one_line(err: BaseException, *, with_type: bool = False) -> str:
     return text or type(err).__name__
 
 
+# A section field added after results were stored: it enters a measurement's key only when
+# set to something other than its default (``keyed``), so adding it keeps the key of every
+# stored result, which was measured with what the default does.
+_ADDED_LATER = "ablate_added_later"
+
+
+def added_later(default: Any) -> Any:
+    """A dataclass field for a setting added to a section after results were stored; its
+    default must do what the section did before it existed."""
+    return dataclasses.field(default=default, metadata={_ADDED_LATER: True})
+
+
+def keyed(cls: type, section: Mapping | None) -> Mapping | None:
+    """``section`` (a resolved section of ``cls``) as a measurement key hashes it: without
+    the fields ``added_later`` that are at their default."""
+    if section is None:
+        return None
+    later = {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get(_ADDED_LATER)}
+    return {k: v for k, v in section.items() if k not in later or v != later[k]}
+
+
 def _coerce_float(value: Any) -> Any:
     # PyYAML reads "1e-4" (no dot) as a string; a user means the number. And 1 means 1.0:
     # the two spellings must hash alike.

@@ -26,8 +26,9 @@ What each part buys and how to turn it off:
   would cost compile time for a few percent of a step.
 - ``activation_checkpointing``: each DiT block's activations are recomputed in the
   backward pass (less memory, about a third more compute).
-- ``low_precision_residual`` (off; not a setting until a GPU table shows it pays): under
-  bf16 autocast the residual stream between blocks is bf16 too (``DiT.low_precision_residual``).
+- ``low_precision_residual`` (off, the setting ``low_precision_residual: true`` in
+  ``train:``/``timing:``; not the default until a GPU table shows it pays): under bf16
+  autocast the residual stream between blocks is bf16 too (``DiT.low_precision_residual``).
 
 Compiled code is cached on disk (``compile_cache``), so cells that share architecture
 and shapes reuse it across processes.

@@ -30,7 +30,7 @@ from .distributed import World, all_gather, gather_to_leader, leader_only, mean,
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import TRUE_BF16, precision_context, resolve_precision, synchronize
 from .files import replace_with, set_aside
-from .settings import ConfigError, choice, one_line, positive
+from .settings import ConfigError, added_later, choice, one_line, positive
 from .step import (TrainStep, check_compile, compiled, make_optimizer, peak_memory_mb,  # noqa: F401
                    reset_peak_memory, resolve_compile, train_step, trainable, update_ema)
 
@@ -57,6 +57,9 @@ class TrainSettings:
     compile_mode: str = "default"  # or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
     compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory
+    # Under bf16 autocast, the residual stream between blocks in bf16 too (Megatron-LM's way;
+    # DiT keeps it fp32): half the bytes of the elementwise work around each block.
+    low_precision_residual: bool = added_later(False)
     log_every: int = 50
     eval_every: int | None = None  # None: evaluate only at the end
     checkpoint_every: int = 500
@@ -396,7 +399,8 @@ class Trainer:
                               weight_decay=settings.weight_decay, ema=self.ema, ema_decay=settings.ema_decay,
                               grad_clip=settings.grad_clip, compile=self.compile,
                               compile_mode=settings.compile_mode, compile_scope=settings.compile_scope,
-                              activation_checkpointing=settings.activation_checkpointing)
+                              activation_checkpointing=settings.activation_checkpointing,
+                              low_precision_residual=settings.low_precision_residual)
         self.optimizer = self.step.optimizer
         self.path = workdir / CHECKPOINT
         self.start, self.log, self.evals, self.wall_before = 0, [], [], 0.0

@@ -1,4 +1,5 @@
 """Grid files: expansion, ids, includes, and one clear line for every kind of mistake."""
+import copy
 import textwrap
 
 import pytest
@@ -174,6 +175,27 @@ def test_adding_a_measurement_with_default_settings_keeps_the_cell_id(tmp_path):
     c = load_grid(write(tmp_path, "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, "
                                   "measure: [timing], timing: {batch_size: 4}}", "c.yaml"))
     assert cell_id(a.cells[0]) == cell_id(b.cells[0]) != cell_id(c.cells[0])
+
+
+def test_a_setting_added_later_keeps_the_stored_keys_until_it_is_set(tmp_path):
+    """A section field ``added_later`` (train.low_precision_residual, fid.precision) enters the
+    key only when set: a cell resolved before the field existed (its section without it) has
+    the key of one with the field at its default, so stored results stay found."""
+    base = "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, measure: [timing, train, fid]"
+    (cell,) = load_grid(write(tmp_path, base + "}", "a.yaml")).cells
+    (lowres,) = load_grid(write(tmp_path, base + ", train: {low_precision_residual: true}}", "b.yaml")).cells
+    (bf16,) = load_grid(write(tmp_path, base + ", fid: {precision: bf16-true}}", "c.yaml")).cells
+    old = copy.deepcopy(cell)
+    for section, name in (("train", "low_precision_residual"), ("timing", "low_precision_residual"),
+                          ("fid", "precision")):
+        assert name in cell[section]
+        del old[section][name]
+    keys = {m: measurement_key(cell, m) for m in ("timing", "train", "fid")}
+    assert {m: measurement_key(old, m) for m in keys} == keys
+    assert measurement_key(lowres, "train") != keys["train"] and measurement_key(lowres, "fid") != keys["fid"]
+    assert measurement_key(lowres, "timing") == keys["timing"]  # train: is not timing's section
+    assert measurement_key(bf16, "fid") != keys["fid"] and measurement_key(bf16, "train") == keys["train"]
+    assert cell_id(old) == cell_id(cell) != cell_id(lowres)
 
 
 def test_one_and_one_point_zero_are_one_cell_and_flops_see_the_null_class(tmp_path):

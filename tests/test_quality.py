@@ -202,6 +202,12 @@ def test_resumed_training_keeps_its_earlier_fid_points(domain, tmp_path):
     assert late["fid_over_steps"][0] == early["fid_over_steps"][0]  # the same weights and noise
     assert late["fid"] == late["fid_over_steps"][1]["fid"] and late["fid_step"] == 40
     assert late["fid_extractor"] == domain.label and late["fid_reference"] == "digits train 16x16 n=1797"
+    # fid.precision: the default samples in the training precision; bf16-true from a bf16 copy
+    # of the network: the same noise, so the same FID up to bf16's rounding in every layer.
+    b16 = fid(fid_cell(tmp_path / "f5", tmp_path / "t", metrics, over_steps=False, precision="bf16-true"),
+              progress=False)
+    assert late["fid_precision"] == metrics["train_precision"] == "fp32" and b16["fid_precision"] == "bf16-true"
+    assert b16["fid"] != late["fid"] and abs(b16["fid"] - late["fid"]) < 0.01 * late["fid"]  # 537.3, 537.9
     assert (late["fid_samples"], late["fid_sample_steps"], late["fid_sampler"], late["fid_cfg_scale"]) == \
         (40, 10, "ddpm", 1.0)
     only_last = fid(fid_cell(tmp_path / "f3", tmp_path / "t", metrics, over_steps=False), progress=False)
@@ -298,7 +304,8 @@ def test_fid_settings_are_checked():
     for bad, message in (({"samples": 1}, "fid.samples: 1 must be >= 2"),
                          ({"extractor": "incepton"}, "did you mean 'inception'"),
                          ({"sampler": "dim"}, "fid.sampler"),
-                         ({"compile": "yes"}, "fid.compile: 'yes' is not auto, true or false")):
+                         ({"compile": "yes"}, "fid.compile: 'yes' is not auto, true or false"),
+                         ({"precision": "bf16-tru"}, "fid.precision: .*did you mean 'bf16-true'")):
         with pytest.raises(ConfigError, match=message):
             resolve({"size": "T", "patch_size": 4, "data": DIGITS16, "measure": ["fid"], "fid": bad})
     assert dataclasses.asdict(TrainSettings())["ema_snapshots"] is True

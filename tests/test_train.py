@@ -234,6 +234,19 @@ def test_auto_precision_is_bf16_only_where_native(tmp_path, small):
     assert out["train_precision"] == ("bf16" if native_bf16("cpu") else "fp32")
 
 
+def test_low_precision_residual_setting_reaches_the_step(tmp_path, small):
+    """train.low_precision_residual: the blocks of the trained model see bf16 tokens under bf16
+    autocast (the step itself is tested against fp32 in test_step)."""
+    model = digits_dit()
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    s = dataclasses.replace(FAST, steps=2, precision="bf16", low_precision_residual=True)
+    out, _ = run(tmp_path, "run", s, data=small, model=model)
+    assert seen == [torch.bfloat16, torch.bfloat16] and model.low_precision_residual
+    assert out["train_precision"] == "bf16" and out["final_loss"] > 0
+    assert parse(TrainSettings, {}, "train").low_precision_residual is False
+
+
 def test_an_evaluation_step_is_a_checkpoint(tmp_path, small):
     """A run shorter than checkpoint_every, killed after an evaluation, resumes from that
     evaluation's step instead of step 0, and ends with the weights of an uninterrupted run."""

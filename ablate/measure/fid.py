@@ -13,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import MODEL_KEYS, register_measure
-from ..settings import ConfigError, choice, positive
+from ..precision import PRECISIONS, TRUE_BF16
+from ..settings import ConfigError, added_later, choice, positive
+
+# "train": as the cell trained (its resolved precision); auto has no meaning of its own here.
+SAMPLE_PRECISIONS = ("train", *(p for p in PRECISIONS if p != "auto"), TRUE_BF16)
 
 
 @dataclass
@@ -32,6 +36,9 @@ class FidSettings:
     # auto: compile the denoiser on CUDA for 2000 samples or more, where the compile pays
     # (it pads the last batch, so its noise differs from the eager path's: compare like with like).
     compile: bool | str = "auto"
+    # The denoiser's precision: train (the precision the cell trained in: bf16 autocast where
+    # native), fp32, tf32, bf16 (autocast), bf16-true (a bf16 copy of the network itself).
+    precision: str = added_later("train")
 
     def check(self) -> None:
         from ..diffusion import SAMPLERS, check_sample_steps
@@ -46,6 +53,7 @@ class FidSettings:
         choice(self, "extractor", ("auto", *EXTRACTORS.names()))
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError("compile", f"{self.compile!r} is not auto, true or false")
+        choice(self, "precision", SAMPLE_PRECISIONS)
 
 
 @register_measure("fid", settings=FidSettings, uses=MODEL_KEYS + ("seed",), needs=("train",),
@@ -79,7 +87,7 @@ def fid(cell, progress: bool = True) -> dict:
         if lead:
             extractor = get_extractor(s.extractor, cell.config["data"], progress=progress)
             reference = from_dataset(cell.config["data"])
-    precision = train.metrics.get("train_precision", "fp32")
+    precision = train.metrics.get("train_precision", "fp32") if s.precision == "train" else s.precision
     model = cell.build_model()
     image_size = cell.dataset.image_size
     compile = cell.device.type == "cuda" and s.samples >= 2000 if s.compile == "auto" else s.compile
@@ -114,6 +122,7 @@ def fid(cell, progress: bool = True) -> dict:
         "fid_sampler": s.sampler,
         "fid_cfg_scale": s.cfg_scale,
         "fid_compile": compile,
+        "fid_precision": precision,
         "fid_step": final["step"],
         **({"fid_extractor_accuracy": extractor.info["accuracy"]} if "accuracy" in extractor.info else {}),
         "fid_over_steps": over_steps,

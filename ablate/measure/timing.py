@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..diffusion import create_diffusion
-from ..settings import ConfigError, choice, positive
+from ..settings import ConfigError, added_later, choice, positive
 from . import MODEL_KEYS, register_measure
 from ..precision import PRECISIONS, precision_context, resolve_precision, synchronize
 from ..step import (TrainStep, check_compile, compile_blocks, compiled, fresh_compiles, resolve_compile,
@@ -34,6 +34,7 @@ class TimingSettings:
     compile_mode: str = "default"  # or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
     compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
     activation_checkpointing: bool = False
+    low_precision_residual: bool = added_later(False)  # as in train: (ablate.step)
     warmup: int = 3
     repeats: int = 10
     modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -114,7 +115,8 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
         diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
         train_step = TrainStep(model, diffusion, precision=s.precision, ema=ema, compile=s.compile,
                                compile_mode=s.compile_mode, compile_scope=s.compile_scope,
-                               activation_checkpointing=s.activation_checkpointing)
+                               activation_checkpointing=s.activation_checkpointing,
+                               low_precision_residual=s.low_precision_residual)
 
         def step():
             train_step.step(x, y)
