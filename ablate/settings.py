@@ -98,7 +98,9 @@ _ADDED_LATER = "ablate_added_later"
 
 def added_later(default: Any) -> Any:
     """A dataclass field for a setting added to a section after results were stored; its
-    default must do what the section did before it existed."""
+    default must do what the section did before it existed. Never change that default: the
+    field at its default is not in the key, so results measured the old way would be reused
+    (to change it, key the field always, which re-measures)."""
     return dataclasses.field(default=default, metadata={_ADDED_LATER: True})
 
 
