@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .data import build_dataset, check_dataset_config
+from .device import DEVICE_SETTINGS, device_identity, device_problem, resolve_device  # noqa: F401  (resolve_device: the CLI's)
 from .measure import MEASURES, Measurement
 from .models import BLOCKS, SIZES, dit_kwargs, model_name, parse_model_name
 from .registry import UnknownName, did_you_mean
@@ -83,8 +84,9 @@ class CellSettings:
                 raise ConfigError("measure", str(UnknownName("measurement", m, MEASURES.names())))
         if not self.measure:
             raise ConfigError("measure", "the list of measurements is empty")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        problem = device_problem(self.device)
+        if problem:
+            raise ConfigError("device", problem + did_you_mean(self.device, DEVICE_SETTINGS[:-1]))
 
 
 def section_names() -> list[str]:
@@ -160,33 +162,6 @@ def measurement_key(config: dict, name: str) -> str:
     inputs["_section"] = keyed(m.settings, config.get(name)) if m.settings else config.get(name)
     inputs["_needs"] = {dep: measurement_key(config, dep) for dep in m.needs}
     return f"{name}-{_digest(inputs)}"
-
-
-def resolve_device(device: str) -> torch.device:
-    """The ``device`` setting as this process sees it: auto is cuda where there is a GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-def device_identity(device: str, threads: int | None = None) -> dict:
-    """What a device-dependent result depends on: the resolved device type and model (the
-    GPU's name; on a CPU its model and the torch threads the measurement runs with)."""
-    d = resolve_device(device)
-    if d.type == "cuda":
-        # No GPU here (a login node, or reading a GPU grid's table on a laptop): a key that no
-        # GPU result has, so lookups fall back to the keys the cell's runner stored, and a
-        # real run fails in one line when it asks for the device.
-        name = _device_name(str(d)) if torch.cuda.is_available() else "no CUDA device"
-        return {"type": "cuda", "name": name}
-    return {"type": d.type, "name": _device_name(d.type), "threads": threads or torch.get_num_threads()}
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(device: str) -> str:
-    from .env import device_name
-
-    return device_name(torch.device(device))
 
 
 def device_dependent(name: str) -> bool:

@@ -25,7 +25,7 @@ def _fail(message: str, code: int = 2):
 
 
 def _follower() -> bool:
-    from .distributed import from_env
+    from .collective import from_env
 
     try:
         w = from_env()
@@ -143,7 +143,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
       ablate run GRID --launcher submitit --gpus-per-node 8   # ... each task torchrun over 8 GPUs
     """
     from .cell import cell_id
-    from .distributed import from_env
+    from .collective import from_env
     from .measure import default_columns
     from .runner import cell_keys, describe, run_grid
 
@@ -164,7 +164,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
         _fail(str(e))
     device = None  # under torchrun: the grid's device setting, which picks the backend
     if ranks.distributed:
-        from . import distributed
+        from . import torchrun as distributed
 
         if jobs != 1 or jobs_per_gpu != 1 or launcher or worker:
             _fail("--jobs, --launcher: not under torchrun, which starts the processes itself")
@@ -180,7 +180,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
                                             done)
         if problem:
             _fail(f"{g.path}: {problem} (torchrun --nproc_per_node)")
-        if not ranks.leader:  # a follower: trains its share of what rank 0 sends (ablate.distributed)
+        if not ranks.leader:  # a follower: trains its share of what rank 0 sends (ablate.torchrun)
             if not dry_run:
                 sys.exit(_follow(device))
             return
@@ -220,7 +220,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
             from .slurm import main_submit
         except ImportError:
             _fail("--launcher submitit: needs submitit (pip install 'ablate[slurm]')")
-        from .distributed import rank_problems
+        from .torchrun import rank_problems
 
         problem = rank_problems(g.cells, ranks_per_task or max(1, gpus_per_node), _trained(store))
         if problem:
@@ -240,7 +240,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
     try:
         with _ranks(device):
             summary = run_grid(g, store, retry_failed=retry_failed, progress=progress, wait_s=wait_s, only=only,
-                               report=None if progress else _log_line)
+                               report=None if progress else _log_line, **_ranks.execute(device))
     except KeyboardInterrupt:  # 130, as a shell reports SIGINT: not 1, which means a failed cell
         click.echo(f"\ninterrupted: finished measurements are kept in {store.root}; run again to resume",
                    err=True)
@@ -281,7 +281,7 @@ def _grid_device(g) -> str:
 
 
 def _follow(device: str) -> int:
-    from . import distributed
+    from . import torchrun as distributed
 
     distributed.init(device)
     try:
@@ -297,15 +297,24 @@ class _ranks:
     def __init__(self, device: str | None):
         self.device = device
 
+    @staticmethod
+    def execute(device: str | None) -> dict:
+        """Under torchrun, ``run_grid``'s way to run a measurement over the ranks."""
+        if device is None:
+            return {}
+        from .torchrun import execute
+
+        return {"execute": execute}
+
     def __enter__(self):
-        from . import distributed
+        from . import torchrun as distributed
 
         if self.device is not None:
             distributed.init(self.device)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        from . import distributed
+        from . import torchrun as distributed
         from .runner import RunStopped
 
         # After Ctrl-C the followers may be inside a collective, where an order would hang:
@@ -317,10 +326,10 @@ class _ranks:
 
 
 def _trained(store):
-    """Whether a cell's training is measured already (ok) in ``store``: it trains no more."""
+    """Whether a cell's measurement is done already (ok) in ``store``: it runs no more."""
     from .runner import measurement_key
 
-    return lambda config: (store.result(measurement_key(config, "train")) or {}).get("status") == "ok"
+    return lambda config, name: (store.result(measurement_key(config, name)) or {}).get("status") == "ok"
 
 
 def _open_store(root, set_aside: bool = True, report: bool = True):

@@ -10,6 +10,8 @@ import torch
 
 import ablate
 
+from .device import device_name
+
 
 @functools.lru_cache(maxsize=1)
 def git_revision() -> str:
@@ -23,20 +25,6 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return f"{rev}+dirty" if rev and dirty else rev
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return name
 
 
 def environment(device: torch.device) -> dict:

@@ -23,10 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .cell import Cell, Needed, cell_id, label, measurement_key
-from .distributed import DistributedFailure, run_everywhere, world
 from .env import environment
 from .grid import Grid
-from .measure import MEASURES
+from .measure import MEASURES, Measurement
 from .settings import one_line
 from .store import Store, flatten
 
@@ -96,16 +95,30 @@ def _store_error(err: OSError) -> str:
 DEFAULT_WAIT_S = 300.0  # how long a runner waits for what another process holds
 
 
+def run_here(m: Measurement, cell: Cell, progress: bool) -> dict:
+    """Measure in this process: the default ``execute`` (under torchrun,
+    ``ablate.torchrun.execute`` runs a distributed measurement on every rank)."""
+    return m.fn(cell, progress=progress) if _takes_progress(m.fn) else m.fn(cell)
+
+
+class StopsRun(RuntimeError):
+    """A failure after which this process must measure nothing more (another rank may be
+    stuck in a collective): it is recorded, then ``run_grid`` raises RunStopped."""
+
+
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True,
              wait_s: float = DEFAULT_WAIT_S, worker: tuple[int, int] = (0, 1),
-             report: Callable[[str, Step], None] | None = None, only: set[str] | None = None) -> Summary:
+             report: Callable[[str, Step], None] | None = None, only: set[str] | None = None,
+             execute: Callable[[Measurement, Cell, bool], dict] = run_here) -> Summary:
     """Measure what is left of ``grid``; then wait up to ``wait_s`` seconds for what other
     processes hold (measuring what they leave undone); what is still held is ``busy``.
 
     ``worker=(i, n)``: this runner is worker i of n on the store (``ablate run --jobs n``);
     it takes cells i, i+n, i+2n, ... first and then the rest, so the workers start on
-    different cells and the claims keep them apart. ``only``: just these cell ids."""
-    runner = Runner(store, retry_failed=retry_failed, progress=progress, report=report)
+    different cells and the claims keep them apart. ``only``: just these cell ids.
+    ``execute(measurement, cell, progress)``: how a measurement runs (``run_here``, or over
+    the ranks of a torchrun launch: ``ablate.torchrun.execute``)."""
+    runner = Runner(store, retry_failed=retry_failed, progress=progress, report=report, execute=execute)
     cells = []
     for index, config in enumerate(grid.cells):
         cid, keys = cell_id(config), cell_keys(config)
@@ -142,12 +155,13 @@ class Runner:
     """Measures steps into a store: skips what is done, claims what is not, records the rest."""
 
     def __init__(self, store: Store, *, retry_failed: bool = False, progress: bool = True,
-                 report: Callable[[str, Step], None] | None = None):
-        self.store, self.retry_failed, self.progress = store, retry_failed, progress
+                 report: Callable[[str, Step], None] | None = None,
+                 execute: Callable[[Measurement, Cell, bool], dict] = run_here):
+        self.store, self.retry_failed, self.progress, self.execute = store, retry_failed, progress, execute
         self.report = report or (lambda event, step: None)  # ("start" | "ok" | "failed", step)
         self.started = now()
         self.summary = Summary()
-        self.stopped: str | None = None  # why a distributed measurement ended the run
+        self.stopped: str | None = None  # why a measurement ended the run (StopsRun)
 
     def measure(self, step: Step, wait_s: float = 0.0) -> bool:
         """Measure the step unless it is done; False if another process holds it (or a
@@ -231,10 +245,7 @@ class Runner:
             if step.config["threads"]:
                 torch.set_num_threads(step.config["threads"])
             record["env"] = environment(cell.device)
-            if m.distributed and world().distributed:  # torchrun: every rank does its share
-                metrics = run_everywhere(m.name, m.fn, cell, self.progress)
-            else:
-                metrics = m.fn(cell, progress=self.progress) if _takes_progress(m.fn) else m.fn(cell)
+            metrics = self.execute(m, cell, self.progress)
             _check_metrics(metrics, step, self.store)
             record.update(status="ok", metrics=metrics)
         except (KeyboardInterrupt, SystemExit):
@@ -242,15 +253,15 @@ class Runner:
         except BaseException as err:  # noqa: BLE001  -- any failure becomes a row
             error = "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError) else one_line(err, with_type=True)
             record.update(status="failed", error=error, traceback=traceback.format_exc(), metrics={})
-            if isinstance(err, DistributedFailure):
-                self.stopped = str(err)  # recorded; the run must end (ablate.distributed)
+            if isinstance(err, StopsRun):
+                self.stopped = str(err)  # recorded; the run must end (ablate.torchrun)
         record["finished"] = now()
         record["wall_s"] = round(time.perf_counter() - t0, 3)
         return record
 
 
 class RunStopped(RuntimeError):
-    """A distributed measurement failed (and was recorded): the torchrun launch must end,
+    """A measurement failed with StopsRun (and was recorded): the torchrun launch must end,
     since another rank may be stuck in a collective. Its ``str`` says which and why."""
 
 

@@ -10,7 +10,7 @@ or a node lost). On SLURM's pre-emption or time-limit signal, submitit calls the
 in the store and training resumes from its last checkpoint.
 
 A task with more than one rank (``--gpus-per-node 8``, or ``--ranks-per-task``) runs its
-cell under torchrun on its node: DDP training over its GPUs (``ablate.distributed``).
+cell under torchrun on its node: DDP training over its GPUs (``ablate.torchrun``).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def submit(grid: Grid, results: Path, *, cluster: str | None = None, partition: 
     """Submit one array task per cell with something pending; returns the jobs.
 
     ``ranks_per_task`` (default: ``gpus_per_node``): a task runs its cell under torchrun
-    over that many processes (DDP training, ``ablate.distributed``) when it is above 1."""
+    over that many processes (DDP training, ``ablate.torchrun``) when it is above 1."""
     store = Store(results)
     todo = pending(grid, store, retry_failed, here=False)
     cluster = cluster or default_cluster()

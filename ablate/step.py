@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .collective import world
 from .precision import precision_context, synchronize
 
 COMPILE_CHOICES = ("auto", True, False)
@@ -168,7 +169,7 @@ class TrainStep:
     returns the mean loss (a detached 0-dim device tensor; reading it is a sync point).
 
     ``ema`` is a module whose trainable parameters follow the model's (None: no EMA).
-    Under torchrun (``ablate.distributed``) the model is wrapped in DistributedDataParallel
+    Under torchrun (``ablate.collective``) the model is wrapped in DistributedDataParallel
     and each rank trains on its share of the global batch; the returned loss is the share's.
     ``compile_s`` is the wall time of the first step when compiled (tracing and code
     generation, or loading them from the disk cache), 0 otherwise.
@@ -179,12 +180,10 @@ class TrainStep:
                  grad_clip: float | None = None, compile: bool = False, compile_mode: str = "default",
                  compile_scope: str = "step", activation_checkpointing: bool = False,
                  low_precision_residual: bool = False):
-        from .distributed import world
-
         self.model, self.diffusion, self.precision = model, diffusion, precision
         self.device = next(model.parameters()).device
         # Under torchrun: this rank's share of each global batch, and DDP averaging the
-        # gradients over the ranks (ablate.distributed). ``net`` is what the loss calls.
+        # gradients over the ranks (ablate.collective). ``net`` is what the loss calls.
         self.world = world()
         self.net = model
         if self.world.distributed:

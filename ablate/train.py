@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion import LOSSES, SAMPLERS, check_sample_steps, create_diffusion
-from .distributed import World, all_gather, gather_to_leader, leader_only, mean, world as current_world
+from .collective import World, all_gather, gather_to_leader, leader_only, mean, world as current_world
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import TRUE_BF16, precision_context, resolve_precision, synchronize
 from .files import replace_with, set_aside
@@ -83,6 +83,14 @@ class TrainSettings:
         check_compile(self)
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError("ema_decay", f"{self.ema_decay!r} must be in [0, 1]")
+
+    def rank_problem(self, ranks: int) -> str | None:
+        """Why this run cannot train over ``ranks`` processes, or None: each rank trains an
+        equal share of the global batch (``World.share``)."""
+        if self.batch_size % ranks:
+            return (f"batch_size: {self.batch_size} does not divide over {ranks} ranks (each trains an equal "
+                    f"share of the global batch); use a multiple of {ranks}")
+        return None
 
 
 # ---------------------------------------------------------------------------------
@@ -386,9 +394,11 @@ class Trainer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.dataset, self.settings, self.workdir, self.seed, self.device = dataset, settings, workdir, seed, device
         self.evaluate = evaluate
-        # Under torchrun: every rank trains its share, rank 0 alone writes (ablate.distributed).
+        # Under torchrun: every rank trains its share, rank 0 alone writes (ablate.collective).
         self.world = current_world()
-        self.world.share(settings.batch_size)  # refused here, on every rank alike, if it does not divide
+        problem = settings.rank_problem(self.world.size)  # refused on every rank alike
+        if problem:
+            raise ValueError(f"train.{problem}")
         self.precision = resolve_precision(device, settings.precision)
         torch.manual_seed(seed)  # timesteps, noise and label dropout all draw from the global RNG
         self.model = model.to(device).train()

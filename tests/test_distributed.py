@@ -251,8 +251,8 @@ def test_a_batch_that_does_not_divide_over_the_ranks_is_refused_before_anything_
     r = torchrun(3, "-m", "ablate", "run", grid, "--results", tmp_path / "r", "--no-progress")
     lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert lines == [f"error: {grid}: train.batch_size: 16 does not divide over 3 ranks (each trains an equal "
-                     "share of the global batch; DiT-T/4 adaln-zero seed=0 is still to train); use a multiple of 3 "
-                     "(torchrun --nproc_per_node)"], r.stderr
+                     "share of the global batch); use a multiple of 3 (DiT-T/4 adaln-zero seed=0 is still to "
+                     "measure train) (torchrun --nproc_per_node)"], r.stderr
     assert not (tmp_path / "r").exists()
     # A results folder that is a file: said as for one process, before the batch.
     (tmp_path / "afile").write_text("")

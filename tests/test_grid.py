@@ -136,6 +136,13 @@ BAD = {
     # A one-step respaced process cannot be built (its first posterior variance borrows the second's).
     "one sampling step": (f"base: {{{M}, measure: [fid], fid: {{sample_steps: 1}}}}", "base.fid.sample_steps",
                           "1 must be >= 2"),
+    # Device strings torch would take (or take late): refused as the grid is read, never
+    # run on the CPU instead or failing when the first key is computed.
+    **{f"device {d}": (f"base: {{{M}, device: '{d}'}}", "base.device", f"{d!r} is not auto, cpu, cuda or cuda:N{hint}")
+       for d, hint in (("cudafoo", " (did you mean 'cuda'?)"), ("cuda:x", " (did you mean 'cuda'?)"), ("meta", ""),
+                       ("cpu:5", " (did you mean 'cpu'?)"), ("tpu", " (did you mean 'cpu'?)"), ("cuda:-1", ""),
+                       ("CPU", ""))},
+    "device axis": (f"grid: {{device: [cpu, meta]}}\nbase: {{{M}}}", "grid.device", "'meta' is not auto, cpu"),
     "one evaluation step": (f"base: {{{M}, measure: [train], train: {{sample_steps: 1, sampler: ddim}}}}",
                             "base.train.sample_steps", "1 must be >= 2"),
 }

@@ -151,7 +151,8 @@ def test_device_independent_keys_are_those_results_were_stored_under():
 def test_timing_key_names_the_resolved_device(monkeypatch):
     import torch
 
-    from ablate.cell import device_identity, measurement_key
+    from ablate.cell import measurement_key
+    from ablate.device import device_identity
 
     key = lambda **over: measurement_key(quick_cell(**over), "timing")  # noqa: E731
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -164,17 +165,17 @@ def test_timing_key_names_the_resolved_device(monkeypatch):
     gpu = {"name": "NVIDIA H100 80GB HBM3"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: gpu["name"])
-    from ablate import cell
+    from ablate import device
 
-    cell._device_name.cache_clear()
+    device._device_name.cache_clear()
     on_h100 = key(device="auto")
     assert on_h100 != on_cpu and on_h100 == key(device="cuda")
     assert device_identity("auto") == {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}
     gpu["name"] = "NVIDIA A100-SXM4-40GB"
-    cell._device_name.cache_clear()
+    device._device_name.cache_clear()
     assert key(device="auto") not in (on_h100, on_cpu)  # another GPU model, another timing
     assert measurement_key(quick_cell(), "flops") == "flops-cdc707ce5960"  # flops are the same anywhere
-    cell._device_name.cache_clear()
+    device._device_name.cache_clear()
 
 
 def test_pending_from_another_machine_reads_the_device_keys_its_runner_stored(tmp_path):

@@ -49,19 +49,24 @@ class Measurement:
     columns: tuple[str, ...] = ()  # metrics shown by default in tables
     doc: str = ""
     # Under torchrun, run on every rank (each doing its share; the leader's result is stored)
-    # rather than on rank 0 alone: ablate.distributed.
+    # rather than on rank 0 alone: ablate.torchrun.
     distributed: bool = False
+    # ``rank_problem(settings, ranks)``: why its section cannot be measured over ``ranks``
+    # processes (a text "<field>: <why>; <what to do>"), or None; asked before a launch runs.
+    rank_problem: Callable | None = None
 
 
 MEASURES: Registry[Measurement] = Registry("measurement")
 
 
 def register_measure(name: str, *, settings: type | None = None, uses: tuple[str, ...] = MODEL_KEYS,
-                     needs: tuple[str, ...] = (), columns: tuple[str, ...] = (), distributed: bool = False):
+                     needs: tuple[str, ...] = (), columns: tuple[str, ...] = (), distributed: bool = False,
+                     rank_problem: Callable | None = None):
     """Decorator: ``@register_measure("flops", columns=("gflops",))`` on ``fn(cell, progress=True) -> dict``.
 
     ``distributed=True``: under torchrun every rank calls ``fn`` (it splits its work with
-    ``ablate.distributed.world()``, and only rank 0's result is stored); otherwise rank 0 alone."""
+    ``ablate.collective.world()``, and only rank 0's result is stored); otherwise rank 0 alone;
+    ``rank_problem(settings, ranks)``: the reason its settings cannot be split over ``ranks``."""
 
     def add(fn: Callable) -> Callable:
         for other_name, other in MEASURES.items():
@@ -71,7 +76,7 @@ def register_measure(name: str, *, settings: type | None = None, uses: tuple[str
                                  f"{other_name!r}; prefix the metric with the measurement's name")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MEASURES.register(name, Measurement(name, fn, settings, tuple(uses), tuple(needs), tuple(columns), doc,
-                                            distributed))
+                                            distributed, rank_problem))
         return fn
 
     return add

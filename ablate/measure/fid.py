@@ -63,7 +63,7 @@ def fid(cell, progress: bool = True) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from ..distributed import leader_only, world
+    from ..collective import leader_only, world
     from ..quality.extractors import get_extractor
     from ..quality.metrics import quality
     from ..quality.sources import from_dataset, from_samples

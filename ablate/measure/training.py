@@ -10,7 +10,8 @@ from ..train import TrainSettings, train as train_loop
 
 
 @register_measure("train", settings=TrainSettings, uses=MODEL_KEYS + ("seed",),
-                  columns=("final_loss", "train_img_per_s", "train_wall_s"), distributed=True)
+                  columns=("final_loss", "train_img_per_s", "train_wall_s"), distributed=True,
+                  rank_problem=TrainSettings.rank_problem)
 def train(cell, progress: bool = True) -> dict:
     """Short DDPM training run: loss curve, images/s, samples over steps."""
     model = cell.build_model()

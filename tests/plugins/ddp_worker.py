@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest, for the tiny DiT
 
-from ablate import distributed  # noqa: E402
+from ablate import collective  # noqa: E402
 from ablate.data import build_dataset  # noqa: E402
 from ablate.train import TrainSettings, sample_images, train  # noqa: E402
 from conftest import tiny  # noqa: E402
@@ -24,7 +24,7 @@ def model():
 
 def main(mode: str, *args: str) -> None:
     torch.set_num_threads(1)
-    w = distributed.init("cpu")
+    w = collective.init("cpu")
     try:
         if mode == "train":
             workdir, steps = Path(args[0]), int(args[1])
@@ -48,7 +48,7 @@ def main(mode: str, *args: str) -> None:
             if w.leader:
                 torch.save({"x": x, "uint8": q}, args[0])
     finally:
-        distributed.close()
+        collective.close()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ full disk does when rank 0 writes a checkpoint."""
 import errno
 import os
 
-from ablate.distributed import all_gather, leader_only, world
+from ablate.collective import all_gather, leader_only, world
 from ablate.measure import register_measure
 
 
