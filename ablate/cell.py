@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,11 +118,42 @@ def resolve(settings: dict) -> dict:
         add(name)
     config["measure"] = ordered
     for name in sections:
-        given = settings.get(name)
+        given = _renamed(MEASURES.get(name), settings.get(name), note=True)
         parsed = parse(MEASURES.get(name).settings, given, name)  # checked even when not measured
         if name in ordered:
             config[name] = dataclasses.asdict(parsed)
     return config
+
+
+_NOTED: set[str] = set()
+
+
+def _renamed(m: Measurement, section: Any, note: bool = False) -> Any:
+    """``section`` as given, with the fields ``m`` renamed under their new names (a note on
+    stderr, once per process, for each old spelling met: ``note``)."""
+    if not m.renamed or not isinstance(section, dict) or not set(section) & set(m.renamed):
+        return section
+    out = {}
+    for k, v in section.items():
+        new = m.renamed.get(k)
+        if new is None:
+            out[k] = v
+            continue
+        if new in section:
+            raise ConfigError(f"{m.name}.{k}", f"{m.name}.{k} is now {m.name}.{new}, which is set too; keep one")
+        if note and f"{m.name}.{k}" not in _NOTED:
+            _NOTED.add(f"{m.name}.{k}")
+            print(f"note: {m.name}.{k} is now {m.name}.{new}", file=sys.stderr, flush=True)
+        out[new] = v
+    return out
+
+
+def _old_names(m: Measurement, section: dict) -> dict:
+    """A section as keys hash it: a renamed field under its old name, as results were stored."""
+    if not m.renamed:
+        return section
+    old = {new: old for old, new in m.renamed.items()}
+    return {old.get(k, k): v for k, v in section.items()}
 
 
 def _digest(obj: Any) -> str:
@@ -138,7 +170,7 @@ def cell_id(config: dict) -> str:
             continue
         if k in MEASURES and MEASURES.get(k).settings is not None and isinstance(v, dict):
             defaults = dataclasses.asdict(MEASURES.get(k).settings())
-            v = {f: x for f, x in v.items() if defaults.get(f, object()) != x}
+            v = _old_names(MEASURES.get(k), {f: x for f, x in v.items() if defaults.get(f, object()) != x})
             if not v:
                 continue
         ident[k] = v
@@ -159,7 +191,8 @@ def measurement_key(config: dict, name: str) -> str:
         inputs["device"] = device_identity(config["device"], config.get("threads"))
         if "threads" in inputs and inputs["device"]["type"] == "cpu":
             inputs["threads"] = inputs["device"]["threads"]  # threads: null and 2 on 2 cores are one result
-    inputs["_section"] = keyed(m.settings, config.get(name)) if m.settings else config.get(name)
+    section = keyed(m.settings, config.get(name)) if m.settings else config.get(name)
+    inputs["_section"] = _old_names(m, section) if section is not None else None
     inputs["_needs"] = {dep: measurement_key(config, dep) for dep in m.needs}
     return f"{name}-{_digest(inputs)}"
 
@@ -200,7 +233,7 @@ class Cell:
 
     def settings(self, measurement: Measurement | str):
         m = MEASURES.get(measurement) if isinstance(measurement, str) else measurement
-        return parse(m.settings, self.config.get(m.name), m.name)
+        return parse(m.settings, _renamed(m, self.config.get(m.name)), m.name)
 
     @functools.cached_property
     def device(self) -> torch.device:

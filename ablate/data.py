@@ -20,14 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .paths import cache_root
 from .registry import Registry, did_you_mean
 from .settings import ConfigError, one_line, type_error, type_hints, type_ok
 
 DATASETS: Registry = Registry("dataset")
 register_dataset = DATASETS.register
 
-DEFAULT_ROOT = "~/.cache/ablate/data"
 SD_VAE_SCALE = 0.18215  # the Stable Diffusion VAE's latent scale factor, as DiT's train.py uses
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 in [0, 255], as a PNG of them would hold (what FID scores,
+    of samples and of a dataset alike)."""
+    return x.float().add(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class DatasetUnavailable(RuntimeError):
@@ -219,7 +225,7 @@ def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def _data_root(root: str | os.PathLike | None) -> Path:
-    return Path(root if root is not None else DEFAULT_ROOT).expanduser()
+    return Path(root).expanduser() if root is not None else cache_root() / "data"
 
 
 # ---------------------------------------------------------------------------------
@@ -271,7 +277,7 @@ def _torchvision_dataset(cls_name: str, name: str, root, train: bool):
 
 @register_dataset("mnist")
 def mnist(image_size: int = 28, root: str | os.PathLike | None = None, *, train: bool = True) -> ImageData:
-    """MNIST via torchvision (downloaded into ``root``, default ~/.cache/ablate/data)."""
+    """MNIST via torchvision (downloaded into ``root``, default $ABLATE_CACHE/data)."""
     ds = _torchvision_dataset("MNIST", "mnist", root, train)
     x = ds.data.unsqueeze(1).float().div_(255)  # (N, 1, 28, 28)
     return ImageData(_to_unit_range(_resize(x, image_size)), ds.targets, num_classes=10,
@@ -280,7 +286,7 @@ def mnist(image_size: int = 28, root: str | os.PathLike | None = None, *, train:
 
 @register_dataset("cifar10")
 def cifar10(image_size: int = 32, root: str | os.PathLike | None = None, *, train: bool = True) -> ImageData:
-    """CIFAR-10 via torchvision (downloaded into ``root``, default ~/.cache/ablate/data)."""
+    """CIFAR-10 via torchvision (downloaded into ``root``, default $ABLATE_CACHE/data)."""
     ds = _torchvision_dataset("CIFAR10", "cifar10", root, train)
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255)  # (N, 3, 32, 32)
     return ImageData(_to_unit_range(_resize(x.contiguous(), image_size)), torch.tensor(ds.targets),

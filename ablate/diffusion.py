@@ -22,17 +22,8 @@ ModelFn = Callable[..., torch.Tensor]
 LOSSES = ("hybrid", "mse")
 SAMPLERS = ("ddpm", "ddim")  # ancestral, and DDIM (Song et al. 2021)
 # A respaced process needs two steps: the clipped log-variance of its first posterior step
-# borrows the second's (as ADM and DiT do), and one step has no second.
+# borrows the second's (as ADM and DiT do), and one step has no second (SamplingOptions checks it).
 MIN_SAMPLE_STEPS = 2
-
-
-def check_sample_steps(settings) -> None:
-    """The ``sample_steps`` check of the ``train:`` and ``fid:`` sections."""
-    from .settings import ConfigError
-
-    if settings.sample_steps < MIN_SAMPLE_STEPS:
-        raise ConfigError("sample_steps", f"{settings.sample_steps!r} must be >= {MIN_SAMPLE_STEPS} (a respaced "
-                                          f"sampler has at least {MIN_SAMPLE_STEPS} steps)")
 
 
 # ---------------------------------------------------------------------------------
@@ -222,12 +213,6 @@ class GaussianDiffusion:
         return out
 
     # -- forward process ------------------------------------------------------------
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and log variance of q(x_t | x_0)."""
-        mean = self._extract("sqrt_alphas_cumprod", t, x0.ndim) * x0
-        var = 1.0 - self._extract("alphas_cumprod", t, x0.ndim)
-        return mean, var, torch.log(var)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(acp_t) x_0, (1 - acp_t) I)."""
         if noise is None:

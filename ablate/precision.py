@@ -1,8 +1,8 @@
 """Numeric precision of a forward or training step: the choices, whether bf16 is native on a
 device, the autocast context, and the device synchronisation timings need.
 
-Training (``ablate.train``) and the measurements (``ablate.measure``) both import this
-module; it imports neither.
+Training (``ablate.train``), sampling and the measurements (``ablate.measure``) import
+this module; it imports none of them.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 # auto: bf16 where it is native, else tf32 on CUDA and fp32 on CPUs (``resolve_precision``).
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-# Sampling only (``ablate.train.sample_images``): the network itself in bf16, its weights
+# Sampling only (``ablate.sampling.sample_images``): the network itself in bf16, its weights
 # and activations (Lightning's name, beside "bf16" autocast over fp32 weights). Autocast
 # casts every weight at every call and keeps the residual stream, LayerNorms and
 # modulation in fp32; a bf16 network moves half the bytes there, at bf16's rounding in

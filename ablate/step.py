@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +45,9 @@ import torch
 import torch.nn as nn
 
 from .collective import world
-from .precision import precision_context, synchronize
+from .paths import cache_root
+from .precision import PRECISIONS, precision_context, resolve_precision, synchronize
+from .settings import ConfigError, added_later, choice
 
 COMPILE_CHOICES = ("auto", True, False)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "coordinate-descent")
@@ -62,14 +65,36 @@ CACHE_ENV = "ABLATE_COMPILE_CACHE"  # folder of the persistent compile caches
 BACKEND = "inductor"
 
 
-def check_compile(settings) -> None:
-    """The ``compile``, ``compile_mode`` checks shared by the ``train:`` and ``timing:`` sections."""
-    from .settings import ConfigError, choice
+@dataclass
+class StepOptions:
+    """How the training step runs: the fields the ``train:`` and ``timing:`` sections share
+    (both subclass this, so the YAML keys and each measurement's key are these names).
+    ``resolved(device)`` gives what ``TrainStep`` takes: ``precision`` and ``compile`` of
+    this device (never ``auto``)."""
 
-    if settings.compile not in COMPILE_CHOICES or not isinstance(settings.compile, (bool, str)):
-        raise ConfigError("compile", f"{settings.compile!r} is not one of auto, true, false")
-    choice(settings, "compile_mode", COMPILE_MODES)
-    choice(settings, "compile_scope", COMPILE_SCOPES)
+    precision: str = "auto"  # ablate.precision.PRECISIONS; auto: bf16 autocast where bf16 is native
+    compile: bool | str = "auto"  # auto: on for CUDA, off for CPUs (resolve_compile)
+    compile_mode: str = "default"  # COMPILE_MODES: or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
+    compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory
+    # Under bf16 autocast, the residual stream between blocks in bf16 too (Megatron-LM's way;
+    # DiT keeps it fp32): half the bytes of the elementwise work around each block.
+    low_precision_residual: bool = added_later(False)
+
+    def check(self) -> None:
+        choice(self, "precision", PRECISIONS)
+        if self.compile not in COMPILE_CHOICES or not isinstance(self.compile, (bool, str)):
+            raise ConfigError("compile", f"{self.compile!r} is not one of auto, true, false")
+        choice(self, "compile_mode", COMPILE_MODES)
+        choice(self, "compile_scope", COMPILE_SCOPES)
+
+    def resolved(self, device: torch.device | str) -> StepOptions:
+        """The step options alone (not the section's other fields), on ``device``: auto
+        precision and auto compile decided."""
+        device = torch.device(device)
+        mine = {f.name: getattr(self, f.name) for f in fields(StepOptions)}
+        return StepOptions(**{**mine, "precision": resolve_precision(device, self.precision),
+                              "compile": resolve_compile(device, self.compile)})
 
 
 def resolve_compile(device: torch.device, compile: bool | str) -> bool:
@@ -83,11 +108,12 @@ def resolve_compile(device: torch.device, compile: bool | str) -> bool:
 def compile_cache(folder: str | Path | None = None) -> Path:
     """Point PyTorch's persistent compile caches (Inductor's FX graph cache, the AOTAutograd
     cache, Triton kernels) at one folder and return it: ``folder``, else
-    $ABLATE_COMPILE_CACHE, else $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/ablate/compile.
+    $ABLATE_COMPILE_CACHE, else $TORCHINDUCTOR_CACHE_DIR, else ``compile/`` in the cache root
+    (``ablate.paths``: $ABLATE_CACHE, default ~/.cache/ablate).
     A second process compiling the same architecture at the same shapes then loads the
     kernels instead of generating them."""
     path = folder or os.environ.get(CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR") \
-        or Path.home() / ".cache" / "ablate" / "compile"
+        or cache_root() / "compile"
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by Inductor at each lookup
@@ -168,6 +194,7 @@ class TrainStep:
     """A model's optimizer, EMA and step function; ``step(x, y)`` trains on one batch and
     returns the mean loss (a detached 0-dim device tensor; reading it is a sync point).
 
+    ``options``: the step's options resolved for the model's device (``StepOptions.resolved``).
     ``ema`` is a module whose trainable parameters follow the model's (None: no EMA).
     Under torchrun (``ablate.collective``) the model is wrapped in DistributedDataParallel
     and each rank trains on its share of the global batch; the returned loss is the share's.
@@ -175,12 +202,13 @@ class TrainStep:
     generation, or loading them from the disk cache), 0 otherwise.
     """
 
-    def __init__(self, model: nn.Module, diffusion, *, precision: str, lr: float = 1e-4,
-                 weight_decay: float = 0.0, ema: nn.Module | None = None, ema_decay: float = 0.9999,
-                 grad_clip: float | None = None, compile: bool = False, compile_mode: str = "default",
-                 compile_scope: str = "step", activation_checkpointing: bool = False,
-                 low_precision_residual: bool = False):
-        self.model, self.diffusion, self.precision = model, diffusion, precision
+    def __init__(self, model: nn.Module, diffusion, options: StepOptions = StepOptions(precision="fp32", compile=False),
+                 *, lr: float = 1e-4, weight_decay: float = 0.0, ema: nn.Module | None = None,
+                 ema_decay: float = 0.9999, grad_clip: float | None = None):
+        if options.precision == "auto" or options.compile == "auto":
+            raise ValueError("TrainStep takes options resolved for its device (StepOptions.resolved)")
+        self.model, self.diffusion, self.options = model, diffusion, options
+        self.precision = options.precision
         self.device = next(model.parameters()).device
         # Under torchrun: this rank's share of each global batch, and DDP averaging the
         # gradients over the ranks (ablate.collective). ``net`` is what the loss calls.
@@ -196,18 +224,18 @@ class TrainStep:
             e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self.optimizer = make_optimizer(self.params, lr, weight_decay)
-        model.activation_checkpointing = activation_checkpointing
-        model.low_precision_residual = low_precision_residual
-        self.compile = compile
+        model.activation_checkpointing = options.activation_checkpointing
+        model.low_precision_residual = options.low_precision_residual
+        self.compile = bool(options.compile)
         self.compile_s = 0.0
         self._first = True
         diffusion.preload(self.device)
-        if compile:
+        if self.compile:
             fresh_compiles()
-            if compile_scope == "blocks":
-                compile_blocks(model, compile_mode)
+            if options.compile_scope == "blocks":
+                compile_blocks(model, options.compile_mode)
             else:
-                self.loss = compiled(self.loss, compile_mode)
+                self.loss = compiled(self.loss, options.compile_mode)
 
     def loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
              drop: torch.Tensor | None) -> torch.Tensor:

@@ -7,7 +7,7 @@ images per second end to end.
 
 The defaults are the quick grid's ``fid:`` section, with 1000 samples.
 
-The stages are those the ``fid`` measurement runs (``ablate.train.sample_images``, then
+The stages are those the ``fid`` measurement runs (``ablate.sampling.sample_images``, then
 torch-fidelity's extractor and metric functions, which ``ablate.quality.quality`` calls through
 ``calculate_metrics``), timed separately. The reference's features are computed once and
 cached, so they are reported apart (``reference, once``). The weights are the untrained
@@ -28,7 +28,7 @@ from ablate.precision import resolve_precision, synchronize
 from ablate.quality.extractors import get_extractor
 from ablate.quality.metrics import fidelity_kwargs
 from ablate.quality.sources import from_dataset, from_samples
-from ablate.train import sample_images
+from ablate.sampling import SamplingOptions, sample_images
 
 CELL = {"model": "DiT-XS/4", "block": "adaln-zero", "data": {"name": "digits", "image_size": 16},
         "measure": ["fid"]}
@@ -67,9 +67,9 @@ def main() -> None:
         return out, time.perf_counter() - t0
 
     # Warm-up: one small batch through the sampler and the extractor (allocator, oneDNN kernels).
-    sample_images(model, 8, image_size=16, steps=2, precision=precision, device=device)
+    sample_images(model, 8, SamplingOptions(sample_steps=2), image_size=16, precision=precision, device=device)
     samples, t_sample = timed(lambda: sample_images(
-        model, args.samples, image_size=16, steps=args.sample_steps, sampler=args.sampler, precision=precision,
+        model, args.samples, SamplingOptions(args.sample_steps, args.sampler), image_size=16, precision=precision,
         seed=0, batch_size=args.batch_size, device=device)[0])
     kw = fidelity_kwargs(from_samples(samples), reference, extractor, batch_size=args.batch_size, device=device)
     fe = create_feature_extractor(kw["feature_extractor"], ["features" if args.extractor == "domain" else "2048"],

@@ -65,8 +65,8 @@ from ablate.measure.peak import matmul_peak_tflops  # noqa: E402
 from ablate.models import SIZES, create_model, dit_kwargs  # noqa: E402
 from ablate.precision import TRUE_BF16, resolve_precision, synchronize  # noqa: E402
 from ablate.settings import one_line  # noqa: E402
-from ablate.step import TrainStep, peak_memory_mb, reset_peak_memory, resolve_compile  # noqa: E402
-from ablate.train import sample_images  # noqa: E402
+from ablate.sampling import SamplingOptions, sample_images  # noqa: E402
+from ablate.step import StepOptions, TrainStep, peak_memory_mb, reset_peak_memory, resolve_compile  # noqa: E402
 
 # A plain step with one attention kernel forced (torch.nn.attention.SDPBackend's names).
 ATTENTION_ROWS = {"plain-flash": "FLASH_ATTENTION", "plain-cudnn": "CUDNN_ATTENTION",
@@ -154,11 +154,11 @@ def train_row(name: str, args, device: torch.device, auto_precision: str) -> dic
     else:
         precision = auto_precision
         compile_on = name in COMPILE_ROWS and resolve_compile(device, args.compile)
-        runner = TrainStep(model, create_diffusion(None, learn_sigma=True), precision=precision, ema=ema,
-                           compile=compile_on, compile_mode=COMPILE_ROWS.get(name, "default"),
-                           compile_scope="blocks" if name == "blocks" else "step",
-                           activation_checkpointing=name == "checkpointing",
-                           low_precision_residual=name == "bf16-residual")
+        options = StepOptions(precision=precision, compile=compile_on, compile_mode=COMPILE_ROWS.get(name, "default"),
+                              compile_scope="blocks" if name == "blocks" else "step",
+                              activation_checkpointing=name == "checkpointing",
+                              low_precision_residual=name == "bf16-residual")
+        runner = TrainStep(model, create_diffusion(None, learn_sigma=True), options, ema=ema)
     with attention(name):
         row = timed_row(name, runner, args, x, y, device, precision, compile_on)
         row["note"] = inert(name, precision, compile_on)
@@ -318,7 +318,8 @@ def sample_row(name: str, args, device: torch.device, auto_precision: str) -> di
         mode = COMPILE_ROWS.get(name, "default")
 
         def run(steps):
-            sample_images(model, args.images, image_size=args.input_size, steps=steps, cfg_scale=args.cfg,
+            sample_images(model, args.images, SamplingOptions(sample_steps=steps, cfg_scale=args.cfg),
+                          image_size=args.input_size,
                           precision=precision, batch_size=args.images, device=device, compile=compile_on,
                           compile_mode=mode)
     t0 = time.perf_counter()

@@ -111,7 +111,7 @@ def test_lever_rows_turn_their_lever_on_and_say_where_it_cannot_act(tmp_path, mo
 
     calls = []
     real_step, real_sample = train_throughput.TrainStep, train_throughput.sample_images
-    monkeypatch.setattr(train_throughput, "TrainStep", lambda *a, **kw: calls.append(kw) or real_step(*a, **kw))
+    monkeypatch.setattr(train_throughput, "TrainStep", lambda *a, **kw: calls.append(vars(a[2])) or real_step(*a, **kw))
     monkeypatch.setattr(train_throughput, "sample_images", lambda *a, **kw: calls.append(kw) or real_sample(*a, **kw))
     tiny = ["--model", "DiT-T/8", "--input-size", "16", "--num-classes", "10", "--device", "cpu", "--compile", "false"]
     out = tmp_path / "t.md"

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ablate.data import build_dataset
-from ablate.quality.extractors import to_uint8
-from ablate.train import TrainSettings, sample_images, train
+from ablate.data import build_dataset, to_uint8
+from ablate.sampling import sample_images
+from ablate.train import TrainSettings, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))
 import ddp_worker  # noqa: E402
@@ -103,7 +103,7 @@ def test_sampling_split_over_ranks_draws_the_same_images(tmp_path):
     r = torchrun(3, WORKER, "sample", tmp_path / "x.pt")  # 6 batches of 4 (the last of 1) over 3 ranks
     assert r.returncode == 0, r.stderr[-3000:]
     torch.set_num_threads(1)
-    x, _ = sample_images(ddp_worker.model(), 21, image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4)
+    x, _ = sample_images(ddp_worker.model(), 21, ddp_worker.SAMPLING, image_size=16, seed=5, batch_size=4)
     saved = torch.load(tmp_path / "x.pt")
     got = saved["x"]
     assert got.shape == x.shape == (21, 1, 16, 16)
@@ -113,7 +113,7 @@ def test_sampling_split_over_ranks_draws_the_same_images(tmp_path):
     # 3 ranks): one process's uint8 images (a float ulp apart can round to a neighbouring
     # level: allow one level on a few pixels).
     q = saved["uint8"]
-    one, _ = sample_images(ddp_worker.model(), 17, image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4,
+    one, _ = sample_images(ddp_worker.model(), 17, ddp_worker.SAMPLING, image_size=16, seed=5, batch_size=4,
                            uint8=True)
     assert q.dtype == one.dtype == torch.uint8 and q.shape == one.shape == (17, 1, 16, 16)
     assert torch.equal(one[:16], to_uint8(x[:16]))  # in one process: exactly the end's quantisation

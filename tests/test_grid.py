@@ -9,6 +9,7 @@ from ablate.cli import main
 from ablate.grid import load_grid
 from ablate.cell import cell_id, measurement_key
 from ablate.settings import ConfigError
+from conftest import run_cli
 
 
 def write(tmp_path, text, name="grid.yaml"):
@@ -185,16 +186,16 @@ def test_adding_a_measurement_with_default_settings_keeps_the_cell_id(tmp_path):
 
 
 def test_a_setting_added_later_keeps_the_stored_keys_until_it_is_set(tmp_path):
-    """A section field ``added_later`` (train.low_precision_residual, fid.precision) enters the
+    """A section field ``added_later`` (train.low_precision_residual, fid.numerics) enters the
     key only when set: a cell resolved before the field existed (its section without it) has
     the key of one with the field at its default, so stored results stay found."""
     base = "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, measure: [timing, train, fid]"
     (cell,) = load_grid(write(tmp_path, base + "}", "a.yaml")).cells
     (lowres,) = load_grid(write(tmp_path, base + ", train: {low_precision_residual: true}}", "b.yaml")).cells
-    (bf16,) = load_grid(write(tmp_path, base + ", fid: {precision: bf16-true}}", "c.yaml")).cells
+    (bf16,) = load_grid(write(tmp_path, base + ", fid: {numerics: bf16-true}}", "c.yaml")).cells
     old = copy.deepcopy(cell)
     for section, name in (("train", "low_precision_residual"), ("timing", "low_precision_residual"),
-                          ("fid", "precision")):
+                          ("fid", "numerics")):
         assert name in cell[section]
         del old[section][name]
     keys = {m: measurement_key(cell, m) for m in ("timing", "train", "fid")}
@@ -203,6 +204,30 @@ def test_a_setting_added_later_keeps_the_stored_keys_until_it_is_set(tmp_path):
     assert measurement_key(lowres, "timing") == keys["timing"]  # train: is not timing's section
     assert measurement_key(bf16, "fid") != keys["fid"] and measurement_key(bf16, "train") == keys["train"]
     assert cell_id(old) == cell_id(cell) != cell_id(lowres)
+
+
+def test_fid_numerics_read_under_its_old_name_keeps_the_stored_keys(tmp_path, capfd):
+    """fid.numerics was written fid.precision: the old spelling is read with a one-line note,
+    and either spelling gives the cell id and fid key that fid.precision gave (results are
+    keyed on the field only where it is set, under the name they were stored with)."""
+    base = "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, measure: [fid], fid: "
+    (old,) = load_grid(write(tmp_path, base + "{precision: bf16-true}}", "old.yaml")).cells
+    assert capfd.readouterr().err.count("note: fid.precision is now fid.numerics\n") <= 1
+    (new,) = load_grid(write(tmp_path, base + "{numerics: bf16-true}}", "new.yaml")).cells
+    assert old == new and old["fid"]["numerics"] == "bf16-true" and "precision" not in old["fid"]
+    # The values fid.precision: bf16-true gave before the rename.
+    assert (cell_id(new), measurement_key(new, "fid")) == ("a27ce158c39a", "fid-a4a4abde6508")
+    with pytest.raises(ConfigError, match="fid.precision is now fid.numerics, which is set too"):
+        load_grid(write(tmp_path, base + "{precision: fp32, numerics: bf16}}", "both.yaml"))
+    with pytest.raises(ConfigError, match="did you mean 'bf16-true'"):
+        load_grid(write(tmp_path, base + "{precision: bf16-tru}}", "typo.yaml"))
+
+
+def test_the_old_spelling_is_noted_on_stderr_once(tmp_path):
+    p = write(tmp_path, "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, measure: [fid], "
+                        "fid: {precision: fp32}}")
+    r = run_cli("validate", p)
+    assert r.returncode == 0 and r.stderr.splitlines() == ["note: fid.precision is now fid.numerics"], r.stderr
 
 
 def test_one_and_one_point_zero_are_one_cell_and_flops_see_the_null_class(tmp_path):

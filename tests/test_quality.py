@@ -14,26 +14,19 @@ from conftest import run_cli, tiny
 
 from ablate.cell import Cell, Needed, resolve
 from ablate.cli import main
-from ablate.data import build_dataset
+from ablate.data import build_dataset, to_uint8
 from ablate.quality import extractors as E
 from ablate.quality.metrics import quality
+from ablate.precision import resolve_precision
 from ablate.quality.sources import ImageSource, from_dataset, from_samples
-from ablate.train import TrainSettings, sample_images, train
+from ablate.sampling import SamplingOptions, sample_images
+from ablate.train import TrainSettings, train
 
 DIGITS16 = {"name": "digits", "image_size": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """One cache for the module: the domain extractor is trained once (about 15 s on 2 cores)."""
-    path = tmp_path_factory.mktemp("ablate-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ABLATE_CACHE", str(path))
-        yield path
-
-
 @pytest.fixture(scope="module")
-def domain(cache):
+def domain(cache):  # cache: the session's (conftest), where the domain extractor is trained once
     return E.get_extractor("domain", DIGITS16)
 
 
@@ -58,7 +51,7 @@ def test_a_cut_short_cached_extractor_is_set_aside_and_trained_again(domain, tmp
 def halves(n: int, seed: int = 0) -> tuple[ImageSource, ImageSource]:
     data = build_dataset(DIGITS16)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    x = E.to_uint8(data.images)
+    x = to_uint8(data.images)
     return ImageSource(x[perm[:n]], f"a n={n}"), ImageSource(x[perm[n:2 * n]], f"b n={n}")
 
 
@@ -142,7 +135,7 @@ def test_trained_model_beats_its_initialisation(domain, tmp_path):
     scores = {}
     for name, weights in (("init", init), ("trained", torch.load(tmp_path / "checkpoint.pt")["ema"])):
         model.load_state_dict(weights)
-        x, _ = sample_images(model, 100, image_size=16, steps=20, seed=0, batch_size=100)
+        x, _ = sample_images(model, 100, SamplingOptions(sample_steps=20), image_size=16, seed=0, batch_size=100)
         scores[name] = quality(x, reference, domain)
     # 200 steps of a 2-block DiT: far from digits yet (FID ~390 against ~550), but measurably closer.
     assert scores["trained"]["fid"] < 0.85 * scores["init"]["fid"], scores
@@ -202,16 +195,48 @@ def test_resumed_training_keeps_its_earlier_fid_points(domain, tmp_path):
     assert late["fid_over_steps"][0] == early["fid_over_steps"][0]  # the same weights and noise
     assert late["fid"] == late["fid_over_steps"][1]["fid"] and late["fid_step"] == 40
     assert late["fid_extractor"] == domain.label and late["fid_reference"] == "digits train 16x16 n=1797"
-    # fid.precision: the default samples in the training precision; bf16-true from a bf16 copy
+    # fid.numerics: the default samples in the training precision; bf16-true from a bf16 copy
     # of the network: the same noise, so the same FID up to bf16's rounding in every layer.
-    b16 = fid(fid_cell(tmp_path / "f5", tmp_path / "t", metrics, over_steps=False, precision="bf16-true"),
+    b16 = fid(fid_cell(tmp_path / "f5", tmp_path / "t", metrics, over_steps=False, numerics="bf16-true"),
               progress=False)
-    assert late["fid_precision"] == metrics["train_precision"] == "fp32" and b16["fid_precision"] == "bf16-true"
+    trained = resolve_precision(torch.device("cpu"), "auto")  # bf16 on a CPU with native bf16
+    assert late["fid_numerics"] == metrics["train_precision"] == trained and b16["fid_numerics"] == "bf16-true"
     assert b16["fid"] != late["fid"] and abs(b16["fid"] - late["fid"]) < 0.01 * late["fid"]  # 537.3, 537.9
     assert (late["fid_samples"], late["fid_sample_steps"], late["fid_sampler"], late["fid_cfg_scale"]) == \
         (40, 10, "ddpm", 1.0)
     only_last = fid(fid_cell(tmp_path / "f3", tmp_path / "t", metrics, over_steps=False), progress=False)
     assert [p["step"] for p in only_last["fid_over_steps"]] == [40] and only_last["fid"] == late["fid"]
+
+
+@pytest.mark.parametrize("native_before, native_after", [(True, True), (False, True)])
+def test_a_run_resumed_where_bf16_is_native_keeps_its_precision(domain, tmp_path, monkeypatch, native_before,
+                                                                 native_after):
+    """precision auto is decided once, when a run begins: resumed on a machine where bf16 is
+    native (or not), it trains on and its snapshots are sampled in that one precision, so the
+    FID of an early snapshot is the same measured before and after the resumption."""
+    from ablate import precision as P
+    from ablate.measure.fid import fid
+
+    data = build_dataset(DIGITS16)
+    cfg = fid_cell(tmp_path / "f0", tmp_path / "t", {}).config
+    s = TrainSettings(steps=20, batch_size=16, lr=1e-3, ema_decay=0.9, log_every=5, eval_every=10,
+                      checkpoint_every=10, eval_samples=0)
+    first = "bf16" if native_before else "fp32"
+
+    def model():
+        return fid_cell(tmp_path / "f", tmp_path / "t", {}).build_model()
+
+    monkeypatch.setattr(P, "native_bf16", lambda device: native_before)
+    with pytest.raises(Crash):  # dies in step 16: checkpoint and EMA snapshot of step 10 on disk
+        train(model(), CrashAfter(data, 15), s, workdir=tmp_path / "t", seed=cfg["seed"], device="cpu", progress=False)
+    early = fid(fid_cell(tmp_path / "f1", tmp_path / "t", {"train_steps": 10}), progress=False)
+    monkeypatch.setattr(P, "native_bf16", lambda device: native_after)
+    metrics = train(model(), data, s, workdir=tmp_path / "t", seed=cfg["seed"], device="cpu", progress=False)
+    assert metrics["train_precision"] == first
+    late = fid(fid_cell(tmp_path / "f2", tmp_path / "t", metrics), progress=False)
+    assert early["fid_numerics"] == late["fid_numerics"] == first
+    assert [p["step"] for p in late["fid_over_steps"]] == [10, 20]
+    assert late["fid_over_steps"][0] == early["fid_over_steps"][0]  # the same weights, noise and precision
 
 
 def test_changing_fid_samples_does_not_retrain(tmp_path, cache):
@@ -254,7 +279,7 @@ def test_ablate_fid_folder_against_dataset(tmp_path, domain):
     data = build_dataset(DIGITS16)
     folder = tmp_path / "samples"
     folder.mkdir()
-    for i, x in enumerate(E.to_uint8(data.images[:30])):
+    for i, x in enumerate(to_uint8(data.images[:30])):
         Image.fromarray(x[0].numpy()).save(folder / f"{i:03d}.png")  # grey PNGs, read as RGB
     r = CliRunner().invoke(main, ["fid", str(folder), "digits", "-f", "json"])
     assert r.exit_code == 0, r.output
@@ -305,7 +330,7 @@ def test_fid_settings_are_checked():
                          ({"extractor": "incepton"}, "did you mean 'inception'"),
                          ({"sampler": "dim"}, "fid.sampler"),
                          ({"compile": "yes"}, "fid.compile: 'yes' is not auto, true or false"),
-                         ({"precision": "bf16-tru"}, "fid.precision: .*did you mean 'bf16-true'")):
+                         ({"numerics": "bf16-tru"}, "fid.numerics: .*did you mean 'bf16-true'")):
         with pytest.raises(ConfigError, match=message):
             resolve({"size": "T", "patch_size": 4, "data": DIGITS16, "measure": ["fid"], "fid": bad})
     assert dataclasses.asdict(TrainSettings())["ema_snapshots"] is True

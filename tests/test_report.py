@@ -22,7 +22,7 @@ from ablate.grid import load_grid
 from ablate.report import stats
 from ablate.report.palette import FALLBACK, PALETTE, block_colors
 from ablate.store import Store
-from ablate.train import save_grid
+from ablate.sampling import save_grid
 
 from ablate.cell import cell_id, measurement_key
 

@@ -7,6 +7,7 @@ same joint forward/backward graph from AOTAutograd as Inductor gets, run by eage
 since Inductor's C++ code generation takes minutes on a small shared CPU. Inductor's own
 kernels are checked on a GPU by benchmarks/gpu_check.sh."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from ablate.diffusion import create_diffusion
 from ablate.precision import precision_context
 from ablate.settings import ConfigError, parse
 from ablate.step import TrainStep, make_optimizer, resolve_compile, train_step, trainable, update_ema
-from ablate.train import TrainSettings, sample_images
+from ablate.sampling import SamplingOptions, sample_images
+from ablate.step import StepOptions
+from ablate.train import TrainSettings
 from conftest import tiny as tiny_dit
 
 STEPS, LR = 3, 1e-3
@@ -57,8 +60,8 @@ def plain(precision: str = "fp32"):
 def fast(precision: str = "fp32", **kw):
     model = tiny()
     ema = copy.deepcopy(model)
-    step = TrainStep(model, create_diffusion(None, learn_sigma=True), precision=precision, lr=LR, ema=ema,
-                     ema_decay=0.9, **kw)
+    step = TrainStep(model, create_diffusion(None, learn_sigma=True), StepOptions(precision=precision, **{"compile": False, **kw}),
+                     lr=LR, ema=ema, ema_decay=0.9)
     x, y = batch()
     torch.manual_seed(5)
     return [step.step(x, y).item() for _ in range(STEPS)], model, ema, step
@@ -142,14 +145,36 @@ def test_compile_cache_folder_is_the_users(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
 
 
+def test_every_cache_lives_under_the_one_cache_root(tmp_path, monkeypatch):
+    """$ABLATE_CACHE moves the compile cache, the datasets, the extractors, the reference
+    statistics and the pretrained checkpoints alike."""
+    import os
+
+    from ablate import data
+    from ablate.models import pretrained
+    from ablate.quality import metrics
+
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "root"))
+    for name in (step_mod.CACHE_ENV, "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert step_mod.compile_cache() == tmp_path / "root" / "compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "root" / "compile")
+    assert data._data_root(None) == tmp_path / "root" / "data"
+    assert pretrained.cache_dir() == tmp_path / "root" / "checkpoints"
+    assert metrics.fidelity_cache() == str(tmp_path / "root" / "fidelity")
+    monkeypatch.delenv("ABLATE_CACHE")
+    assert data._data_root(None) == Path("~/.cache/ablate/data").expanduser()
+
+
 def test_compiled_sampling_pads_to_one_shape_and_matches_eager(aot_eager):
     model = tiny(live_output=True)
-    kw = dict(image_size=8, steps=4, seed=0, batch_size=4)
+    kw = dict(image_size=8, seed=0, batch_size=4)
+    four = SamplingOptions(sample_steps=4)
     # 8 images = two full batches: padding does not change the noise, so the samples agree.
-    a, la = sample_images(model, 8, **kw)
-    b, lb = sample_images(model, 8, compile=True, **kw)
+    a, la = sample_images(model, 8, four, **kw)
+    b, lb = sample_images(model, 8, four, compile=True, **kw)
     assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-5)
-    c, lc = sample_images(model, 6, compile=True, **kw)  # a padded last batch: 6 images come back
+    c, lc = sample_images(model, 6, four, compile=True, **kw)  # a padded last batch: 6 images come back
     assert c.shape == (6, 4, 8, 8) and torch.equal(lc, torch.arange(6)) and torch.allclose(c[:4], a[:4], atol=1e-5)
 
 
@@ -158,7 +183,8 @@ def test_the_compiled_step_and_sampler_are_each_one_graph():
     and the guided denoiser of sampling, are one graph each with no graph break (a break,
     say a ``.item()`` in the loss, would split the fusions silently)."""
     model = tiny_dit(hidden_size=32, depth=2, num_heads=2)
-    step = TrainStep(model, create_diffusion(None, learn_sigma=True), precision="bf16", lr=LR)
+    step = TrainStep(model, create_diffusion(None, learn_sigma=True), StepOptions(precision="bf16", compile=False),
+                     lr=LR)
     x, y = batch()
     t, noise, drop = step.draw(x)
     with precision_context(x.device, "bf16"):
@@ -188,7 +214,7 @@ def test_bf16_true_sampling_rounds_like_autocast_and_keeps_the_fp32_weights(aot_
     the sampler's own arithmetic stays fp32; the caller's weights are neither cast nor changed;
     compiled, it samples what it samples eagerly."""
     from ablate.precision import TRUE_BF16
-    from ablate.train import _in_bf16, bf16_copy
+    from ablate.sampling import _in_bf16, bf16_copy
 
     model = live(tiny_dit(hidden_size=64, depth=2, num_heads=4))
     before = copy.deepcopy(model.state_dict())
@@ -203,18 +229,19 @@ def test_bf16_true_sampling_rounds_like_autocast_and_keeps_the_fp32_weights(aot_
     assert true.dtype == torch.float32
     # bf16 rounding: more than none, and of autocast's order (here 6.2e-3 against 3.9e-3)
     assert 1e-4 < err(true) < min(2e-2, 3 * err(auto)), (err(true), err(auto))
-    kw = dict(image_size=8, steps=4, cfg_scale=1.5, batch_size=4, seed=0)
-    a, _ = sample_images(model, 8, precision="fp32", **kw)
-    b, _ = sample_images(model, 8, precision=TRUE_BF16, **kw)
-    c, _ = sample_images(model, 8, precision="bf16", **kw)
+    kw = dict(image_size=8, batch_size=4, seed=0)
+    guided = SamplingOptions(sample_steps=4, cfg_scale=1.5)
+    a, _ = sample_images(model, 8, guided, precision="fp32", **kw)
+    b, _ = sample_images(model, 8, guided, precision=TRUE_BF16, **kw)
+    c, _ = sample_images(model, 8, guided, precision="bf16", **kw)
     assert b.dtype == torch.float32 and 0 < (a - b).abs().mean() < 3 * (a - c).abs().mean()
     assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    d, _ = sample_images(model, 8, precision=TRUE_BF16, compile=True, **kw)  # two full batches: no padding
+    d, _ = sample_images(model, 8, guided, precision=TRUE_BF16, compile=True, **kw)  # two full batches: no padding
     assert torch.allclose(b, d, atol=1e-6)
     # Blocks compiled in place would be copied as closures over the fp32 blocks: refused, not a dtype crash.
     step_mod.compile_blocks(model)
     with pytest.raises(ValueError, match="blocks are not compiled in place"):
-        sample_images(model, 8, precision=TRUE_BF16, **kw)
+        sample_images(model, 8, guided, precision=TRUE_BF16, **kw)
 
 
 def test_coordinate_descent_mode_compiles_with_options_this_inductor_has(monkeypatch):

@@ -10,7 +10,10 @@ from ablate.data import build_dataset
 from ablate.precision import native_bf16
 from ablate.models import DiT
 from ablate.settings import ConfigError, parse
-from ablate.train import TrainSettings, sample_images, train, update_ema
+from ablate.checkpoint import load_checkpoint
+from ablate.sampling import SamplingOptions, sample_images
+from ablate.step import update_ema
+from ablate.train import TrainSettings, train
 from conftest import tiny
 
 # No sampling, no periodic checkpoints, fp32: the settings the tests change one at a time.
@@ -195,13 +198,13 @@ def test_samples_png_grid_and_evals(tmp_path, small):
 
 def test_guided_sampling_at_scale_one_matches_unguided():
     model = digits_dit(live_output=True).eval()
-    kw = dict(image_size=16, steps=5, sampler="ddim", seed=3)
-    plain, labels = sample_images(model, 12, **kw)
+    kw = dict(image_size=16, seed=3)
+    plain, labels = sample_images(model, 12, SamplingOptions(sample_steps=5, sampler="ddim"), **kw)
     assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     # The guided path (null-label half, forward_with_cfg) at a scale of ~1 gives the same DDIM samples.
-    near_one, _ = sample_images(model, 12, cfg_scale=1.0 + 1e-6, **kw)
+    near_one, _ = sample_images(model, 12, SamplingOptions(5, "ddim", cfg_scale=1.0 + 1e-6), **kw)
     assert (near_one - plain).abs().max().item() < 1e-4
-    guided, _ = sample_images(model, 12, cfg_scale=4.0, **kw)
+    guided, _ = sample_images(model, 12, SamplingOptions(5, "ddim", cfg_scale=4.0), **kw)
     assert (guided - plain).abs().max().item() > 1e-3
 
 
@@ -254,7 +257,7 @@ def test_an_evaluation_step_is_a_checkpoint(tmp_path, small):
     full, m_full = run(tmp_path, "full", s, data=small)
     with pytest.raises(Crash):  # dies drawing batch 5, after the evaluation at step 3
         run(tmp_path, "crashed", s, data=CrashingData(small, after=4))
-    assert train_mod.load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["step"] == 3
     resumed, m_resumed = run(tmp_path, "crashed", s, data=small)
     assert max_diff(weights(m_full), weights(m_resumed)) < 1e-6
     assert [e["step"] for e in resumed["evals"]] == [3, 6]
@@ -265,5 +268,83 @@ def test_sampling_no_images_returns_an_empty_batch():
 
     model = create_model("DiT-T/8", input_size=16, num_classes=10)
     for cfg, uint8 in ((1.0, False), (1.5, False), (1.5, True)):  # guidance once raised on an empty batch
-        x, y = sample_images(model, 0, image_size=16, steps=2, cfg_scale=cfg, uint8=uint8)
+        x, y = sample_images(model, 0, SamplingOptions(sample_steps=2, cfg_scale=cfg), image_size=16, uint8=uint8)
         assert x.shape == (0, 4, 16, 16) and x.dtype == (torch.uint8 if uint8 else torch.float32) and len(y) == 0
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoints that cannot be resumed from, full disks, what a killed writer leaves
+# ---------------------------------------------------------------------------------
+def _valid_checkpoint(tmp_path, small) -> dict:
+    run(tmp_path, "donor", dataclasses.replace(FAST, steps=3), data=small)
+    return load_checkpoint(tmp_path / "donor" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("case", ["no keys", "step a string", "a list", "log a dict", "rng without torch",
+                                  "another model's weights", "step negative"])
+def test_a_checkpoint_that_loads_but_is_not_one_is_set_aside_and_training_starts_over(tmp_path, small, capfd,
+                                                                                       case):
+    reference, m_ref = run(tmp_path, "fresh", data=small)
+    ck = _valid_checkpoint(tmp_path, small)
+    bad = {"no keys": {"hello": 1}, "step a string": {**ck, "step": "3"}, "a list": [ck],
+           "log a dict": {**ck, "log": {}}, "rng without torch": {**ck, "rng": {}},
+           "another model's weights": {**ck, "model": {"w": torch.zeros(2)}},
+           "step negative": {**ck, "step": -1}}[case]
+    work = tmp_path / "run"
+    work.mkdir()
+    torch.save(bad, work / "checkpoint.pt")
+    capfd.readouterr()
+    for _ in range(2):  # and the next run resumes from the new checkpoint
+        out, model = run(tmp_path, "run", data=small)
+        assert out["train_steps"] == FAST.steps and max_diff(weights(m_ref), weights(model)) < 1e-6
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(err) == 1 and "not a checkpoint to resume from (" in err[0] and "; kept as checkpoint.pt.corrupt, training starts over" in err[0], err
+    assert (work / "checkpoint.pt.corrupt").is_file() and not (work / "checkpoint.pt.corrupt1").exists()
+    assert [e["step"] for e in out["log"]] == [e["step"] for e in reference["log"]]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_says_no_space_left(tmp_path, small, monkeypatch):
+    """torch.save reports a failed write as an opaque inline_container.cc error: named here."""
+    import shutil
+    from collections import namedtuple
+
+    import ablate.checkpoint as ck_mod
+    from ablate.settings import one_line
+
+    def full(obj, f, *a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4416 vs 4310")
+
+    monkeypatch.setattr(ck_mod.torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(100, 100, 0))
+    with pytest.raises(OSError) as e:
+        run(tmp_path, "run", dataclasses.replace(FAST, steps=2), data=small)
+    assert "No space left on device" in one_line(e.value) and "checkpoint.pt" in one_line(e.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no temporary file left
+    # An error that is not the disk's (space is left) stays torch's own.
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(2**40, 0, 2**40))
+    with pytest.raises(RuntimeError, match="inline_container"):
+        run(tmp_path, "run", dataclasses.replace(FAST, steps=2), data=small)
+
+
+def test_a_run_removes_the_temporary_files_a_killed_writer_left_and_nothing_else(tmp_path, small):
+    from ablate.checkpoint import remove_stale_temps
+
+    work = tmp_path / "run"
+    work.mkdir()
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"keep")
+    stale = [".checkpoint.pt.0123abcd.tmp", ".ema_step0000003.pt.deadbeef.tmp", ".samples_step0000003.png.00ff00ff.tmp"]
+    kept = [".checkpoint.pt.xyz.tmp", "notes.tmp", ".other.pt.0123abcd.tmp", ".checkpoint.pt.0123abcd.tmp.keep"]
+    for name in stale + kept:
+        (work / name).write_bytes(b"x" * 10)
+    (work / ".checkpoint.pt.aaaaaaaa.tmp").symlink_to(outside)  # a link: not ours to remove, never followed
+    (work / ".checkpoint.pt.bbbbbbbb.tmp").mkdir()
+    out, _ = run(tmp_path, "run", dataclasses.replace(FAST, steps=2), data=small)
+    left = sorted(p.name for p in work.iterdir())
+    assert left == sorted(kept + [".checkpoint.pt.aaaaaaaa.tmp", ".checkpoint.pt.bbbbbbbb.tmp", "checkpoint.pt"])
+    assert outside.read_bytes() == b"keep" and out["train_steps"] == 2
+    # A work folder that is a link is not cleaned through it.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / stale[0]).write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert remove_stale_temps(tmp_path / "link") == [] and (tmp_path / "real" / stale[0]).exists()

@@ -27,7 +27,7 @@ so importing ``ablate.measure`` registers them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..registry import Registry
@@ -54,6 +54,9 @@ class Measurement:
     # ``rank_problem(settings, ranks)``: why its section cannot be measured over ``ranks``
     # processes (a text "<field>: <why>; <what to do>"), or None; asked before a launch runs.
     rank_problem: Callable | None = None
+    # Fields of its section renamed after results were stored, old name -> new: the old
+    # spelling is still read (with a note), and keys hash the field under its old name.
+    renamed: dict = field(default_factory=dict, hash=False)
 
 
 MEASURES: Registry[Measurement] = Registry("measurement")
@@ -61,7 +64,7 @@ MEASURES: Registry[Measurement] = Registry("measurement")
 
 def register_measure(name: str, *, settings: type | None = None, uses: tuple[str, ...] = MODEL_KEYS,
                      needs: tuple[str, ...] = (), columns: tuple[str, ...] = (), distributed: bool = False,
-                     rank_problem: Callable | None = None):
+                     rank_problem: Callable | None = None, renamed: dict | None = None):
     """Decorator: ``@register_measure("flops", columns=("gflops",))`` on ``fn(cell, progress=True) -> dict``.
 
     ``distributed=True``: under torchrun every rank calls ``fn`` (it splits its work with
@@ -76,7 +79,7 @@ def register_measure(name: str, *, settings: type | None = None, uses: tuple[str
                                  f"{other_name!r}; prefix the metric with the measurement's name")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MEASURES.register(name, Measurement(name, fn, settings, tuple(uses), tuple(needs), tuple(columns), doc,
-                                            distributed, rank_problem))
+                                            distributed, rank_problem, dict(renamed or {})))
         return fn
 
     return add

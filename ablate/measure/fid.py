@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from . import MODEL_KEYS, register_measure
 from ..precision import PRECISIONS, TRUE_BF16
+from ..sampling import SamplingOptions
 from ..settings import ConfigError, added_later, choice, positive
 
 # "train": as the cell trained (its resolved precision); auto has no meaning of its own here.
@@ -21,43 +22,46 @@ SAMPLE_PRECISIONS = ("train", *(p for p in PRECISIONS if p != "auto"), TRUE_BF16
 
 
 @dataclass
-class FidSettings:
-    """The ``fid:`` section of a grid."""
+class FidSettings(SamplingOptions):
+    """The ``fid:`` section of a grid: how the samples are drawn (``SamplingOptions``: steps,
+    sampler, guidance) and scored."""
 
     # auto: the domain extractor where the dataset has one (digits, mnist), else inception.
     extractor: str = "auto"
     samples: int = 5000  # generated images per evaluated step (FID-5K); the paper reports FID-50K
     batch_size: int = 256  # for sampling and for features
-    sample_steps: int = 50  # respaced diffusion steps (the paper samples with 250)
-    sampler: str = "ddpm"
-    cfg_scale: float = 1.0  # 1: no classifier-free guidance, as in the paper's ablations
     seed: int = 0  # the sampling noise; the same for every cell and step
     over_steps: bool = True  # also every EMA snapshot of the training run, not only its last step
     # auto: compile the denoiser on CUDA for 2000 samples or more, where the compile pays
     # (it pads the last batch, so its noise differs from the eager path's: compare like with like).
     compile: bool | str = "auto"
-    # The denoiser's precision: train (the precision the cell trained in: bf16 autocast where
-    # native), fp32, tf32, bf16 (autocast), bf16-true (a bf16 copy of the network itself).
-    precision: str = added_later("train")
+    # The denoiser's numeric precision: train (the precision the cell trained in: bf16 autocast
+    # where native), fp32, tf32, bf16 (autocast), bf16-true (a bf16 copy of the network itself).
+    # Written ``precision`` at first (a measurement key still names it so: RENAMED).
+    numerics: str = added_later("train")
 
     def check(self) -> None:
-        from ..diffusion import SAMPLERS, check_sample_steps
         from ..quality.extractors import EXTRACTORS
 
         if self.samples < 2:
             raise ConfigError("samples", f"{self.samples!r} must be >= 2 (FID needs a covariance)")
-        positive(self, "batch_size", "sample_steps", "cfg_scale")
-        check_sample_steps(self)
+        positive(self, "batch_size", "cfg_scale")
+        SamplingOptions.check(self)
         positive(self, "seed", allow_zero=True)
-        choice(self, "sampler", SAMPLERS)
         choice(self, "extractor", ("auto", *EXTRACTORS.names()))
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ConfigError("compile", f"{self.compile!r} is not auto, true or false")
-        choice(self, "precision", SAMPLE_PRECISIONS)
+        choice(self, "numerics", SAMPLE_PRECISIONS)
+
+
+# Old name -> new name of a field of the section: the old spelling is still read (with a
+# note), and results are keyed under the old name, as they were stored.
+RENAMED = {"precision": "numerics"}
 
 
 @register_measure("fid", settings=FidSettings, uses=MODEL_KEYS + ("seed",), needs=("train",),
-                  columns=("fid", "kid_mean", "precision", "recall", "fid_extractor"), distributed=True)
+                  columns=("fid", "kid_mean", "precision", "recall", "fid_extractor"), distributed=True,
+                  renamed=RENAMED)
 def fid(cell, progress: bool = True) -> dict:
     """FID, KID, precision/recall of EMA samples (every snapshot: quality over steps)."""
     import torch
@@ -67,7 +71,8 @@ def fid(cell, progress: bool = True) -> dict:
     from ..quality.extractors import get_extractor
     from ..quality.metrics import quality
     from ..quality.sources import from_dataset, from_samples
-    from ..train import ema_states, load_ema, sample_images
+    from ..checkpoint import ema_states, load_ema, trained_precision
+    from ..sampling import sample_images
 
     s = cell.settings("fid")
     train = cell.needed["train"]
@@ -87,7 +92,11 @@ def fid(cell, progress: bool = True) -> dict:
         if lead:
             extractor = get_extractor(s.extractor, cell.config["data"], progress=progress)
             reference = from_dataset(cell.config["data"])
-    precision = train.metrics.get("train_precision", "fp32") if s.precision == "train" else s.precision
+    # "train": the precision the run trained in, as its checkpoint says (a run resumed on
+    # another machine keeps its first one), else as its result says.
+    precision = s.numerics
+    if precision == "train":
+        precision = trained_precision(train.workdir) or train.metrics.get("train_precision", "fp32")
     model = cell.build_model()
     image_size = cell.dataset.image_size
     compile = cell.device.type == "cuda" and s.samples >= 2000 if s.compile == "auto" else s.compile
@@ -98,8 +107,7 @@ def fid(cell, progress: bool = True) -> dict:
     over_steps = []
     for step, path in tqdm(states.items(), desc="fid", unit="step", disable=not progress, leave=False):
         model.load_state_dict(load_ema(path)[1])
-        samples, _ = sample_images(model, s.samples, image_size=image_size, steps=s.sample_steps, sampler=s.sampler,
-                                   cfg_scale=s.cfg_scale, precision=precision, seed=s.seed,
+        samples, _ = sample_images(model, s.samples, s, image_size=image_size, precision=precision, seed=s.seed,
                                    batch_size=s.batch_size, device=cell.device, compile=compile, world=w,
                                    uint8=True)
         with leader_only() as lead:
@@ -122,7 +130,7 @@ def fid(cell, progress: bool = True) -> dict:
         "fid_sampler": s.sampler,
         "fid_cfg_scale": s.cfg_scale,
         "fid_compile": compile,
-        "fid_precision": precision,
+        "fid_numerics": precision,
         "fid_step": final["step"],
         **({"fid_extractor_accuracy": extractor.info["accuracy"]} if "accuracy" in extractor.info else {}),
         "fid_over_steps": over_steps,

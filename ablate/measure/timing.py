@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..diffusion import create_diffusion
-from ..settings import ConfigError, added_later, choice, positive
+from ..settings import ConfigError, positive
 from . import MODEL_KEYS, register_measure
-from ..precision import PRECISIONS, precision_context, resolve_precision, synchronize
-from ..step import (TrainStep, check_compile, compile_blocks, compiled, fresh_compiles, resolve_compile,
+from ..precision import precision_context, synchronize
+from ..step import (StepOptions, TrainStep, compile_blocks, compiled, fresh_compiles,
                     peak_memory_mb as _peak_mb, reset_peak_memory as _reset_peak)
 from .peak import matmul_peak_tflops
 
@@ -27,14 +27,11 @@ MODES = ("forward", "train")
 
 
 @dataclass
-class TimingSettings:
+class TimingSettings(StepOptions):
+    """The ``timing:`` section: the step's options (``ablate.step.StepOptions``; tf32 is a
+    CUDA matmul mode timing compares) and how it is timed."""
+
     batch_size: int = 32
-    precision: str = "auto"  # auto (bf16 where native), fp32, tf32 (CUDA), bf16 (autocast)
-    compile: bool | str = "auto"  # auto: on for CUDA, off for CPUs; compile time is reported apart
-    compile_mode: str = "default"  # or reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs
-    compile_scope: str = "step"  # or blocks: regional compilation, one graph per distinct block
-    activation_checkpointing: bool = False
-    low_precision_residual: bool = added_later(False)  # as in train: (ablate.step)
     warmup: int = 3
     repeats: int = 10
     modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -42,8 +39,7 @@ class TimingSettings:
     def check(self) -> None:
         positive(self, "batch_size", "repeats")
         positive(self, "warmup", allow_zero=True)
-        choice(self, "precision", PRECISIONS)
-        check_compile(self)
+        StepOptions.check(self)
         for m in self.modes:
             if m not in MODES:
                 raise ConfigError("modes", f"{m!r} is not one of {', '.join(MODES)}")
@@ -72,8 +68,8 @@ def _summary(prefix: str, times: list[float], batch: int) -> dict:
 def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
                gflops: float | None = None) -> dict:
     """Time forward and training step of ``model`` (a DiT) on synthetic inputs."""
-    s = dataclasses.replace(s, precision=resolve_precision(device, s.precision),
-                            compile=resolve_compile(device, s.compile))
+    options = s.resolved(device)
+    s = dataclasses.replace(s, precision=options.precision, compile=options.compile)
     n, c, size = s.batch_size, model.in_channels, model.input_size
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(n, c, size, size, generator=g).to(device)
@@ -113,10 +109,7 @@ def time_model(model: torch.nn.Module, s: TimingSettings, device: torch.device,
         # Only a holder of the averaged weights (never run), so a copy of compiled blocks is harmless.
         ema = copy.deepcopy(model).requires_grad_(False)
         diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
-        train_step = TrainStep(model, diffusion, precision=s.precision, ema=ema, compile=s.compile,
-                               compile_mode=s.compile_mode, compile_scope=s.compile_scope,
-                               activation_checkpointing=s.activation_checkpointing,
-                               low_precision_residual=s.low_precision_residual)
+        train_step = TrainStep(model, diffusion, options, ema=ema)
 
         def step():
             train_step.step(x, y)

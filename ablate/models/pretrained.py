@@ -1,15 +1,15 @@
 """The official DiT checkpoints, loaded into ``block="adaln-zero"`` with ``strict=True``.
 
-They are downloaded once into ``~/.cache/ablate/checkpoints`` (or ``$ABLATE_CACHE``); a
+They are downloaded once into ``checkpoints/`` of the cache root (``ablate.paths``); a
 machine without a network gets one clear error saying where to put the file instead.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from ..paths import cache_root
 from .configs import create_model
 from .dit import DiT
 
@@ -26,7 +26,7 @@ class CheckpointUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ABLATE_CACHE", Path.home() / ".cache" / "ablate")) / "checkpoints"
+    return cache_root() / "checkpoints"
 
 
 def state_dict_of(checkpoint) -> dict:

