@@ -46,7 +46,6 @@ class SamplingOptions:
                                               f"sampler has at least {MIN_SAMPLE_STEPS} steps)")
 
 
-# ---------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_images(model: nn.Module, n: int, options: SamplingOptions = SamplingOptions(), *, image_size: int,
                   precision: str = "fp32", seed: int = 0, batch_size: int = 64,

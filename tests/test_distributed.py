@@ -132,8 +132,10 @@ base:
   threads: 1
   data: {{name: digits, image_size: 16}}
   measure: [flops, {extra}train, fid]
+  # fp32: N ranks compute what one process computes to fp32's rounding; under bf16 autocast
+  # (precision auto on a CPU with native bf16) the split batch rounds differently.
   train: {{steps: 6, batch_size: 16, lr: 1.0e-3, ema_decay: 0.9, log_every: 3, eval_every: 3, eval_samples: 4,
-          sampler: ddim, sample_steps: 2}}
+          sampler: ddim, sample_steps: 2, precision: fp32}}
   fid: {{samples: 24, sampler: ddim, sample_steps: 2, batch_size: 8}}
 """
 
