@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .data import build_dataset, check_dataset_config
+from .files import make_folder
 from .measure import MEASURES, Measurement
 from .models import BLOCKS, SIZES, dit_kwargs, model_name, parse_model_name
 from .registry import UnknownName, did_you_mean
@@ -85,6 +86,11 @@ class CellSettings:
             raise ConfigError("measure", "the list of measurements is empty")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+# Settings a cell derives from others when they are not given: an error about one is the
+# other's, where the user wrote only that.
+IMPLIED_BY = {"size": "model", "patch_size": "model", "input_size": "data.image_size"}
 
 
 def section_names() -> list[str]:
@@ -220,8 +226,7 @@ class Cell:
     @property
     def workdir(self) -> Path:
         """This measurement's folder for checkpoints and samples, made on first use."""
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        return self._workdir
+        return make_folder(self._workdir)  # never through a link planted in the results folder
 
     def settings(self, measurement: Measurement | str):
         m = MEASURES.get(measurement) if isinstance(measurement, str) else measurement
