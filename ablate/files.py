@@ -66,7 +66,7 @@ def folder(path: str | Path, *, create: bool = False) -> Iterator[int]:
         os.makedirs(anchor, exist_ok=True)
     fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:
-        for part in parts:
+        for i, part in enumerate(parts):
             if part in ("", ".", ".."):
                 raise LinkError(errno.EINVAL, f"{path}: {part!r} in a path the tool writes")
             if create:
@@ -76,7 +76,7 @@ def folder(path: str | Path, *, create: bool = False) -> Iterator[int]:
                 sub = os.open(part, _DIR, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise LinkError(e.errno, f"{os.path.join(anchor, *parts[:parts.index(part) + 1])} is a "
+                    raise LinkError(e.errno, f"{os.path.join(anchor, *parts[:i + 1])} is a "
                                     "symbolic link or a file, not a folder; not followed (remove it)") from None
                 raise
             os.close(fd)

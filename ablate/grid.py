@@ -15,7 +15,9 @@
 
 Every cell is resolved (``ablate.cell.resolve``) when the file is loaded, so a mistake in
 any cell is reported before anything runs, as one ``ConfigError`` naming the file, the key
-as written in the file, and the value.
+as written in the file, and the value. A key given twice in a mapping is such a mistake, and
+so is a file too large to be a grid: more than MAX_YAML_NODES values once its aliases are
+expanded, or more than MAX_COMBINATIONS combinations of its axes (refused before any is made).
 """
 from __future__ import annotations
 

@@ -91,11 +91,12 @@ def _bounded(op: type, a, b) -> None:
                 raise QueryError(f"text repeated {_count(n):,} times would be {_text_length(text) * _count(n):,} "
                                  f"characters; a query makes at most {MAX_TEXT:,}")
         if _bits(a) + _bits(b) > MAX_INT_BITS:
-            raise QueryError(f"a product of more than {MAX_INT_BITS:,} bits; a query's numbers are smaller")
+            raise QueryError(f"a product of about {_bits(a) + _bits(b):,} bits; a query's numbers have at most "
+                             f"{MAX_INT_BITS:,}")
     if op is ast.Add and _text_length(a) + _text_length(b) > MAX_TEXT:
         raise QueryError(f"text of more than {MAX_TEXT:,} characters; a query makes at most {MAX_TEXT:,}")
-    if op is ast.Pow and _bits(a) > 1 and _bits(a) * max(_count(b), 0) > MAX_INT_BITS:
-        raise QueryError(f"a power of about {_bits(a) * _count(b):,} bits; a query's numbers have at most "
+    if op is ast.Pow and (_bits(a) - 1) * max(_count(b), 0) > MAX_INT_BITS:  # 2 ** n has n + 1 bits
+        raise QueryError(f"a power of about {(_bits(a) - 1) * _count(b):,} bits; a query's numbers have at most "
                          f"{MAX_INT_BITS:,}")
 
 

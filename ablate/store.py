@@ -170,12 +170,15 @@ class Store:
             raise StoreError(errno.ENOTDIR, f"{self.root}: not a folder")
         if not self.root.is_dir():
             return
+        top = os.path.realpath(self.root)
         for folder, dirs, names in os.walk(self.root):
             for name in dirs + names:
                 p = os.path.join(folder, name)
                 if os.path.islink(p):
+                    inside = os.path.commonpath([top, os.path.realpath(p)]) == top
+                    where = "inside the results folder, which holds no links" if inside else "outside the results folder"
                     raise StoreError(errno.ELOOP, f"{self.root}: {os.path.relpath(p, self.root)} is a symbolic "
-                                     f"link to {os.readlink(p)}; the results folder holds no links, remove it")
+                                     f"link to {os.readlink(p)}, {where}; remove it")
 
     # ----- records ----------------------------------------------------------------
     def _read(self, path: Path, problem_of: Callable, what: str) -> dict | None:

@@ -109,6 +109,9 @@ def _check_out(out: Path) -> None:
     for folder, dirs, names in os.walk(out):
         for n in dirs + names:
             rel = os.path.relpath(os.path.join(folder, n), out).replace(os.sep, "/")
+            if os.path.islink(os.path.join(folder, n)):
+                raise ReportError(f"--out {out}: holds {rel}, a symbolic link, which no report wrote; give a new "
+                                  "or empty folder (or remove the link)")
             if rel not in ours and not (n in dirs and not os.path.islink(os.path.join(folder, n))
                                         and any(o.startswith(rel + "/") for o in ours)):
                 raise ReportError(f"--out {out}: holds {rel}, which no report wrote; the report replaces the whole "
