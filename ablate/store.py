@@ -47,6 +47,9 @@ MAX_RECORD_BYTES = 256 * 2**20
 MAX_DEPTH = 64  # nesting of a record: settings sections and metric lists are a few levels deep
 
 
+ENTRIES = ("cells", "measurements", "work", "locks", "slurm", "table.csv", "table.md")  # all the store writes
+
+
 class StoreError(OSError):
     """A results folder that cannot be used as it is (a file, a link in it): one line."""
 
@@ -164,21 +167,26 @@ class Store:
         return Store(self.root, set_aside=False, warn=self.warn)
 
     def check(self) -> None:
-        """Refuse a results folder that is a file or holds a symbolic link (a planted link
-        would have ``ablate run`` overwrite the file it points to)."""
+        """Refuse a results folder that is a file or holds a symbolic link among what the
+        store writes (a planted link would have ``ablate run`` overwrite the file it points
+        to; each write checks again, this says so once, up front)."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(errno.ENOTDIR, f"{self.root}: not a folder")
         if not self.root.is_dir():
             return
         top = os.path.realpath(self.root)
-        for folder, dirs, names in os.walk(self.root):
-            for name in dirs + names:
-                p = os.path.join(folder, name)
-                if os.path.islink(p):
-                    inside = os.path.commonpath([top, os.path.realpath(p)]) == top
-                    where = "inside the results folder, which holds no links" if inside else "outside the results folder"
-                    raise StoreError(errno.ELOOP, f"{self.root}: {os.path.relpath(p, self.root)} is a symbolic "
-                                     f"link to {os.readlink(p)}, {where}; remove it")
+        for entry in ENTRIES:  # what the store writes, not whatever else a folder such as / holds
+            p = os.path.join(self.root, entry)
+            walked = [(self.root, [], [entry])] if os.path.islink(p) or not os.path.isdir(p) else os.walk(p)
+            for folder, dirs, names in walked:
+                for name in dirs + names:
+                    q = os.path.join(folder, name)
+                    if os.path.islink(q):
+                        inside = os.path.commonpath([top, os.path.realpath(q)]) == top
+                        where = ("inside the results folder, which holds no links" if inside
+                                 else "outside the results folder")
+                        raise StoreError(errno.ELOOP, f"{self.root}: {os.path.relpath(q, self.root)} is a symbolic "
+                                         f"link to {os.readlink(q)}, {where}; remove it")
 
     # ----- records ----------------------------------------------------------------
     def _read(self, path: Path, problem_of: Callable, what: str) -> dict | None:
