@@ -177,6 +177,9 @@ class Store:
         top = os.path.realpath(self.root)
         for entry in ENTRIES:  # what the store writes, not whatever else a folder such as / holds
             p = os.path.join(self.root, entry)
+            if "." not in entry and os.path.lexists(p) and not os.path.islink(p) and not os.path.isdir(p):
+                raise StoreError(errno.ENOTDIR, f"{self.root}: {entry} is not a folder; the store keeps its "
+                                 f"{entry} there (move it)")
             walked = [(self.root, [], [entry])] if os.path.islink(p) or not os.path.isdir(p) else os.walk(p)
             for folder, dirs, names in walked:
                 for name in dirs + names:

@@ -130,6 +130,20 @@ def test_report_makes_the_checks_of_run_and_only_reads_the_store(reported, tmp_p
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "symbolic link" in r.output, r.output
 
 
+@pytest.mark.parametrize("plant", ["link", "file"])
+def test_a_store_folder_that_is_a_link_or_a_file_is_refused_up_front(tmp_path, plant):
+    results = tmp_path / "results"
+    put(results / "cells" / f"{CID}.json", cell_record())
+    (tmp_path / "elsewhere").mkdir()
+    (results / "measurements").symlink_to(tmp_path / "elsewhere") if plant == "link" else put(
+        results / "measurements", "a file")
+    r = CliRunner().invoke(main, ["table", "--results", str(results)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "measurements" in r.output, r.output
+    (results / "notes").symlink_to(tmp_path / "elsewhere")  # not the store's: never read nor written
+    (results / "measurements").unlink()
+    assert CliRunner().invoke(main, ["table", "--results", str(results)]).exit_code == 0
+
+
 def test_report_never_writes_through_a_planted_link(reported, tmp_path):
     grid, store, out = reported
     victim = put(tmp_path / "victim.png", "a user's picture")
