@@ -54,8 +54,8 @@ def type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, (bool, np.bool_))
     if isinstance(value, (bool, np.bool_)):  # bool is an int to Python, but True is no batch size
         return False
-    if hint is int:
-        return isinstance(value, numbers.Integral)
+    if hint is int:  # and one that fits in 64 bits: 10**400 steps or pixels is no setting
+        return isinstance(value, numbers.Integral) and -2**63 <= value < 2**63
     if hint is float:  # YAML's .nan and .inf are floats, but no learning rate or scale
         try:
             return isinstance(value, numbers.Real) and math.isfinite(value)
@@ -83,9 +83,9 @@ def type_error(value: Any, hint: Any) -> str:
     """Why ``value`` fails ``type_ok(value, hint)``, in words."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"{value!r} is not a finite number"
-    huge = isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1000
-    if huge and float in _flat_args(hint):
-        return f"an integer of {len(str(abs(value)))} digits is beyond any number a setting can hold"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63 and (
+            int in _flat_args(hint) or float in _flat_args(hint)):
+        return f"{shown(value, 40)} ({len(str(abs(value)))} digits) is beyond any number a setting can hold"
     return f"{shown(value)} is not {type_name(hint)}"
 
 

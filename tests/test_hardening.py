@@ -354,6 +354,8 @@ def test_a_name_that_is_no_safe_folder_name_is_one_line(tmp_path, name, words):
 @pytest.mark.parametrize("text, key, words", [
     ("name: g\nbase: {model: DiT-T/4, measure: [train], train: {lr: " + "9" * 400 + "}}\n",
      "base.train.lr", "400 digits"),
+    ("name: g\nbase: {model: DiT-T/4, measure: [train], train: {steps: " + "9" * 30 + "}}\n",
+     "base.train.steps", "30 digits) is beyond any number"),
     ("name: g\ndescription: [a, b]\nbase: {model: DiT-T/4}\n", "description", "expected text"),
     ("name: g\ngrid: {model: [DiT-T/8]}\nbase: {data: {name: digits, image_size: 12}}\n", "grid.model",
      "8 does not divide"),
