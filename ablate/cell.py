@@ -21,6 +21,7 @@ import torch
 
 from .data import build_dataset, check_dataset_config
 from .device import DEVICE_SETTINGS, device_identity, device_problem, resolve_device  # noqa: F401  (resolve_device: the CLI's)
+from .files import make_folder
 from .measure import MEASURES, Measurement
 from .models import BLOCKS, SIZES, dit_kwargs, model_name, parse_model_name
 from .registry import UnknownName, did_you_mean
@@ -88,6 +89,11 @@ class CellSettings:
         problem = device_problem(self.device)
         if problem:
             raise ConfigError("device", problem + did_you_mean(self.device, DEVICE_SETTINGS[:-1]))
+
+
+# Settings a cell derives from others when they are not given: an error about one is the
+# other's, where the user wrote only that.
+IMPLIED_BY = {"size": "model", "patch_size": "model", "input_size": "data.image_size"}
 
 
 def section_names() -> list[str]:
@@ -228,8 +234,7 @@ class Cell:
     @property
     def workdir(self) -> Path:
         """This measurement's folder for checkpoints and samples, made on first use."""
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        return self._workdir
+        return make_folder(self._workdir)  # never through a link planted in the results folder
 
     def settings(self, measurement: Measurement | str):
         m = MEASURES.get(measurement) if isinstance(measurement, str) else measurement

@@ -336,7 +336,7 @@ def _open_store(root, set_aside: bool = True, report: bool = True):
     """The results folder, refused in one line if it is a file or links out of itself."""
     from .store import Store, StoreError
 
-    store = Store(root, set_aside=set_aside, report=report)
+    store = Store(root, set_aside=set_aside, warn=report)
     try:
         store.check()
     except StoreError as e:

@@ -15,7 +15,9 @@
 
 Every cell is resolved (``ablate.cell.resolve``) when the file is loaded, so a mistake in
 any cell is reported before anything runs, as one ``ConfigError`` naming the file, the key
-as written in the file, and the value.
+as written in the file, and the value. A key given twice in a mapping is such a mistake, and
+so is a file too large to be a grid: more than MAX_YAML_NODES values once its aliases are
+expanded, or more than MAX_COMBINATIONS combinations of its axes (refused before any is made).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import importlib
 import importlib.util
 import itertools
 import math
+import os
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +37,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from .registry import did_you_mean
-from .cell import cell_id, resolve
-from .settings import ConfigError
+from .cell import IMPLIED_BY, cell_id, resolve
+from .settings import ConfigError, deep_merge
 
 TOP_KEYS = ("name", "description", "include", "imports", "grid", "exclude", "base")
 LARGE_GRID = 2_000  # combinations; checking each cell takes about half a millisecond
+CHECK_S = 5e-4
 
 
 def shipped_grids_folder() -> Path:
@@ -81,14 +86,96 @@ def find_grid(name_or_path: str | None) -> Path:
     return shipped if shipped.exists() else p
 
 
+MAX_YAML_NODES = 200_000  # values in a grid file once its aliases are expanded: a billion laughs is refused
+MAX_COMBINATIONS = 100_000  # a grid's cells before exclusions: checked at about half a millisecond each
+MAX_YAML_BYTES = 4 * 2**20
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that names a key twice (YAML says keys are
+    unique; PyYAML keeps the last silently) and a document whose aliases expand past
+    MAX_YAML_NODES values (a few hundred bytes can otherwise expand to gigabytes)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML says so itself
+            if key in seen:
+                raise _Duplicate(key, key_node.start_mark, seen[key])
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node)
+        return node
+
+
+class _Duplicate(Exception):
+    def __init__(self, key, mark, first):
+        self.key, self.mark, self.first = key, mark, first
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(root) -> int:
+    """The number of values ``root`` stands for with every alias expanded, counted once per
+    node (memoised), without recursion; a node inside itself counts once (``_acyclic`` says so)."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes and not done:
+            continue
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        if not done:
+            sizes[id(node)] = 1  # in progress: a cycle through it counts it once
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+        if sizes[id(node)] > MAX_YAML_NODES:
+            raise _TooLarge()
+    return sizes[id(root)]
+
+
 def _read_yaml(path: Path, shown: str) -> dict:
     if not path.is_file():
-        raise ConfigError("", "no such file" if not path.exists() else "not a file", file=shown)
+        problem = "no such file" if not path.exists() and not path.is_symlink() else "not a file"
+        if path.is_symlink() and not path.exists():
+            problem = "a symbolic link to nothing (or a loop of links)"
+        raise ConfigError("", problem, file=shown)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("", f"cannot be read: {e.strerror or e}", file=shown) from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError("", f"{len(raw):,} bytes; a grid file has at most {MAX_YAML_BYTES:,}", file=shown)
     try:
         # Bytes, so the YAML reader decodes UTF-8 (or UTF-16 with a BOM) whatever the locale.
-        data = yaml.safe_load(path.read_bytes())
+        data = yaml.load(raw, Loader=_Loader)  # noqa: S506  -- a SafeLoader
     except yaml.reader.ReaderError:
         raise ConfigError("", "not a UTF-8 text file", file=shown) from None
+    except _Duplicate as e:
+        raise ConfigError(str(e.key), f"given twice (line {e.first.line + 1}, column {e.first.column + 1} and line "
+                          f"{e.mark.line + 1}, column {e.mark.column + 1}); "
+                          "a key may appear once in a mapping", file=shown) from None
+    except _TooLarge:
+        raise ConfigError("", f"its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; "
+                          "a grid file is not that large", file=shown) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -96,6 +183,8 @@ def _read_yaml(path: Path, shown: str) -> dict:
         raise ConfigError("", f"invalid YAML: {where}{problem}", file=shown) from None
     except RecursionError:
         raise ConfigError("", "invalid YAML: nested too deeply", file=shown) from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise ConfigError("", f"invalid YAML: {' '.join(str(e).split())[:200]}", file=shown) from None
     if data is None:
         raise ConfigError("", "the file is empty", file=shown)
     if not isinstance(data, dict):
@@ -124,14 +213,6 @@ def _acyclic(value: Any, key: str, shown: str, parents: tuple = (), checked: set
     checked.add(id(value))
 
 
-def deep_merge(a: dict, b: dict) -> dict:
-    """b over a, recursively for mappings; lists and scalars in b replace a's."""
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def set_dotted(d: dict, key: str, value: Any) -> None:
     *parents, last = key.split(".")
     for p in parents:
@@ -141,23 +222,33 @@ def set_dotted(d: dict, key: str, value: Any) -> None:
     d[last] = copy.deepcopy(value)
 
 
-def _load_raw(path: Path, shown: str, seen: tuple = ()) -> dict:
-    """The file's mapping with its includes merged under it."""
-    if path.resolve() in seen:
-        raise ConfigError("include", f"{shown} includes itself", file=shown)
+def _real(path: Path) -> str:
+    return os.path.realpath(path)  # unlike Path.resolve, no RuntimeError on a loop of links
+
+
+def _load_raw(path: Path, shown: str, chain: tuple = ()) -> dict:
+    """The file's mapping with its includes merged under it; ``chain`` the files that
+    include it, outermost first (as (real path, shown) pairs)."""
     data = _read_yaml(path, shown)
     includes = data.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
         raise ConfigError("include", f"{includes!r} is not a file name or a list of them", file=shown)
+    chain = chain + ((_real(path), shown),)
     merged: dict = {}
     for inc in includes:
         inc_path = (path.parent / inc)
+        cycle = [s for real, s in chain if real == _real(inc_path)]
+        if cycle:
+            loop = " -> ".join([s for _, s in chain[[r for r, _ in chain].index(_real(inc_path)):]] + [cycle[0]])
+            raise ConfigError("include", f"{inc!r} is {cycle[0]}, which includes this file: a cycle ({loop})"
+                              if cycle[0] != shown else f"{inc!r} is this file itself", file=shown)
         try:
-            sub = _load_raw(inc_path, str(inc_path), seen + (path.resolve(),))
+            sub = _load_raw(inc_path, str(inc_path), chain)
         except ConfigError as e:
-            if e.file == str(inc_path) and e.message in ("no such file", "not a file"):
+            if e.file == str(inc_path) and not e.key and (
+                    e.message in ("no such file", "not a file") or e.message.startswith("a symbolic link to nothing")):
                 raise ConfigError("include", f"{inc!r}: {e.message}", file=shown) from None
             raise
         merged = _merge_grid_files(merged, sub)
@@ -189,8 +280,10 @@ def load_grid(path: str | Path, shown: str | None = None, progress: bool = False
     name = raw.get("name", path.stem)
     problem = _name_problem(name)
     if problem:
-        raise err("name", f"{name!r} is not a plain folder name: {problem}")
+        raise err("name", f"{_short(name)} is not a plain folder name: {problem}")
     description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise err("description", f"expected text, got {type(description).__name__} {_short(description)}")
     import_plugins(raw.get("imports") or [], path.parent, shown)
     axes = raw.get("grid") or {}
     if not isinstance(axes, dict):
@@ -217,6 +310,11 @@ def load_grid(path: str | Path, shown: str | None = None, progress: bool = False
     cells, seen_ids = [], set()
     keys = list(axes)
     combos = math.prod(len(v) for v in axes.values())
+    if combos > MAX_COMBINATIONS:
+        sizes = " x ".join(f"{len(v):,} {k}" for k, v in axes.items())
+        raise err("grid", f"{combos:,} combinations ({sizes}); checking them would take about "
+                  f"{_duration(combos * CHECK_S)}; a grid has at most {MAX_COMBINATIONS:,}: "
+                  "split it into several grids")
     if progress and combos > LARGE_GRID:
         print(f"warning: {shown}: {combos:,} combinations of the grid's axes to check; this takes a while",
               file=sys.stderr, flush=True)
@@ -233,7 +331,7 @@ def load_grid(path: str | Path, shown: str | None = None, progress: bool = False
             try:
                 config = resolve(settings)
             except ConfigError as e:
-                raise err(_written_at(e.key, keys), e.message) from None
+                raise err(_written_at(e.key, keys, base), e.message) from None
             cid = cell_id(config)
             if cid not in seen_ids:  # two spellings of one cell (DiT-S/2 vs size S + patch 2) run once
                 seen_ids.add(cid)
@@ -245,7 +343,10 @@ def load_grid(path: str | Path, shown: str | None = None, progress: bool = False
 
 
 def _name_problem(name: Any) -> str | None:
-    """Why ``name`` cannot be the results folder results/<name>/, or None."""
+    """Why ``name`` cannot be the results folder results/<name>/, or None. Besides what no
+    file system allows, refused: what a terminal shows as nothing or as something else
+    (control, format, bidi and zero-width characters, spaces other than the space), so that
+    two folder names never look alike, and a name not in Unicode's composed form (NFC)."""
     if not isinstance(name, str):
         return f"a name is text, not {type(name).__name__}"
     if not name.strip():
@@ -256,8 +357,18 @@ def _name_problem(name: Any) -> str | None:
         return "it contains a path separator"
     if name.startswith("."):
         return "it begins with '.'"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "it contains a control character (a newline, a tab, NUL, ...)"
+    for i, c in enumerate(name):
+        category = unicodedata.category(c)
+        if category == "Cs":
+            return f"character {i + 1} is U+{ord(c):04X}, half of a surrogate pair (not a character)"
+        if category in ("Cc", "Zl", "Zp"):
+            return f"it contains a control character (U+{ord(c):04X}: a newline, a tab, NUL, ...)"
+        if category in ("Cf", "Co", "Cn") or (category == "Zs" and c != " "):
+            what = {"Cf": "an invisible formatting character (bidi or zero-width)", "Co": "a private-use character",
+                    "Cn": "an unassigned code point", "Zs": "a space other than ' '"}[category]
+            return f"character {i + 1} is U+{ord(c):04X}, {what}, which makes a name look like another"
+    if unicodedata.normalize("NFC", name) != name:
+        return "it is not in composed Unicode form (NFC); the same name written another way would be another folder"
     if len(name.encode("utf-8")) > 255:
         return f"it is {len(name.encode('utf-8'))} bytes long; a folder name has at most 255"
     return None
@@ -307,9 +418,30 @@ def _matches(value: Any, pattern: Any) -> bool:
     return value in pattern if isinstance(pattern, list) else value == pattern
 
 
-def _written_at(key: str, axes: list[str]) -> str:
-    """The key as the user wrote it: under grid: if an axis set it, else under base:."""
+def _written_at(key: str, axes: list[str], base: dict) -> str:
+    """The key as the user wrote it: under grid: if an axis set it, under base: if base sets
+    it, else where the setting it is implied by (``IMPLIED_BY``: patch_size by model) is written."""
     for a in axes:
         if key == a or key.startswith(a + ".") or a.startswith(key + "."):
             return f"grid.{a}"
-    return f"base.{key}" if key else "base"
+    if not key:
+        return "base"
+    node = base
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            origin = IMPLIED_BY.get(key)
+            return _written_at(origin, axes, base) if origin else f"base.{key}"
+        node = node[part]
+    return f"base.{key}"
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _duration(seconds: float) -> str:
+    for unit, s in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= s:
+            return f"{seconds / s:,.0f} {unit}"
+    return f"{seconds:.0f} seconds"

@@ -12,7 +12,13 @@ Python's grammar and only these nodes are evaluated, over the table's columns:
     arithmetic                +  -  *  /  //  %  **, unary - and +
 
 Anything else (a function call, an attribute that is not a dotted column name, ``@name``,
-indexing, a lambda) is refused with a ``QueryError`` before anything is evaluated.
+indexing, a lambda) is refused with a ``QueryError`` before anything is evaluated. A backtick
+inside a backticked name is written twice (`a``b` is the column a`b).
+
+The work is bounded, so a short query cannot run for hours or fill the memory: integers stay
+within MAX_INT_BITS (``9 ** 9 ** 9`` is refused before it is computed), text within MAX_TEXT
+characters (``'a' * 10**10`` and ``model * 40000000`` are refused), and text is never
+``%``-formatted.
 """
 from __future__ import annotations
 
@@ -29,8 +35,11 @@ _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, as
 _ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _LOGIC = {ast.BitAnd: operator.and_, ast.BitOr: operator.or_}
-_BACKTICKED = re.compile(r"`([^`]*)`")
+_BACKTICKED = re.compile(r"`((?:[^`]|``)*)`")
+_PLACEHOLDER = re.compile(r"_ablate_column_([0-9]+)")
 MAX_LENGTH = 2000  # a table filter, not a program; also keeps the parser's recursion shallow
+MAX_INT_BITS = 10_000  # about 3,000 digits: more than any number in a table
+MAX_TEXT = 10_000  # characters of a text a query makes
 
 
 class QueryError(ValueError):
@@ -40,6 +49,55 @@ class QueryError(ValueError):
 def filter_rows(df: pd.DataFrame, query: str) -> pd.DataFrame:
     """The rows of ``df`` for which ``query`` is true. Raises QueryError."""
     return df[_Evaluator(df, query).condition()]
+
+
+def _bits(x) -> int:
+    """The size in bits of the Python integers in ``x`` (numpy's are fixed-size: 0)."""
+    if isinstance(x, bool):
+        return 1
+    if isinstance(x, int):
+        return x.bit_length()
+    if isinstance(x, pd.Series) and x.dtype == object:
+        return max((v.bit_length() for v in x if isinstance(v, int) and not isinstance(v, bool)), default=0)
+    return 0
+
+
+def _text_length(x) -> int:
+    """The length of the longest text in ``x`` (0 where it holds none)."""
+    if isinstance(x, str):
+        return len(x)
+    if isinstance(x, pd.Series) and not pd.api.types.is_numeric_dtype(x) and not pd.api.types.is_bool_dtype(x):
+        return max((len(v) for v in x if isinstance(v, str)), default=0)
+    return 0
+
+
+def _count(x) -> int:
+    """The largest integer in ``x``: how many times a text would be repeated by it."""
+    if isinstance(x, (bool, int)):
+        return int(x)
+    if isinstance(x, pd.Series) and (pd.api.types.is_integer_dtype(x) or x.dtype == object):
+        values = [v for v in x if isinstance(v, (int,)) or pd.api.types.is_integer(v)]
+        return int(max(values, default=0))
+    return 0
+
+
+def _bounded(op: type, a, b) -> None:
+    """Refuse an operation whose result would exceed MAX_INT_BITS or MAX_TEXT, before it runs."""
+    if op is ast.Mod and _text_length(a):
+        raise QueryError("'%' on text formats it, which a query may not do")
+    if op is ast.Mult:
+        for text, n in ((a, b), (b, a)):
+            if _text_length(text) and _text_length(text) * max(_count(n), 0) > MAX_TEXT:
+                raise QueryError(f"text repeated {_count(n):,} times would be {_text_length(text) * _count(n):,} "
+                                 f"characters; a query makes at most {MAX_TEXT:,}")
+        if _bits(a) + _bits(b) > MAX_INT_BITS:
+            raise QueryError(f"a product of about {_bits(a) + _bits(b):,} bits; a query's numbers have at most "
+                             f"{MAX_INT_BITS:,}")
+    if op is ast.Add and _text_length(a) + _text_length(b) > MAX_TEXT:
+        raise QueryError(f"text of more than {MAX_TEXT:,} characters; a query makes at most {MAX_TEXT:,}")
+    if op is ast.Pow and (_bits(a) - 1) * max(_count(b), 0) > MAX_INT_BITS:  # 2 ** n has n + 1 bits
+        raise QueryError(f"a power of about {(_bits(a) - 1) * _count(b):,} bits; a query's numbers have at most "
+                         f"{MAX_INT_BITS:,}")
 
 
 class _Evaluator:
@@ -52,9 +110,12 @@ class _Evaluator:
         self.quoted: dict[str, str] = {}
 
         def placeholder(m: re.Match) -> str:
+            if not m.group(1):
+                raise QueryError("`` is an empty column name; a backtick inside a backticked name is written "
+                                 "twice (`a``b` is the column a`b)")
             name = f"_ablate_column_{len(self.quoted)}"
-            self.quoted[name] = m.group(1)
-            return name
+            self.quoted[name] = m.group(1).replace("``", "`")
+            return f" {name} "  # a token of its own, never glued to the text around it
 
         text = _BACKTICKED.sub(placeholder, query)
         try:
@@ -98,7 +159,9 @@ class _Evaluator:
             if type(node.op) in _LOGIC:
                 return _LOGIC[type(node.op)](self.truth(node.left), self.truth(node.right))
             if type(node.op) in _ARITH:
-                return _ARITH[type(node.op)](self.eval(node.left), self.eval(node.right))
+                left, right = self.eval(node.left), self.eval(node.right)
+                _bounded(type(node.op), left, right)
+                return _ARITH[type(node.op)](left, right)
         if isinstance(node, ast.Compare):
             return self.compare(node)
         if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
@@ -163,6 +226,7 @@ class _Evaluator:
             if isinstance(node, kind):
                 return text
         try:
-            return repr(ast.unparse(node))
+            text = ast.unparse(node)
         except Exception:  # noqa: BLE001
             return type(node).__name__
+        return repr(_PLACEHOLDER.sub(lambda m: "`" + self.quoted.get(m.group(0), "").replace("`", "``") + "`", text))

@@ -8,7 +8,6 @@ into one line of text.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 from typing import Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -58,8 +57,8 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise UnknownName(self.kind, name, sorted(self._entries)) from None
 
-    def names(self, pattern: str = "*") -> list[str]:
-        return [n for n in self._entries if fnmatch.fnmatch(n, pattern)]
+    def names(self) -> list[str]:
+        return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

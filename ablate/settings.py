@@ -7,6 +7,7 @@ naming the dotted key and the value, so the CLI can print one line and exit 2.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -53,10 +54,13 @@ def type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, (bool, np.bool_))
     if isinstance(value, (bool, np.bool_)):  # bool is an int to Python, but True is no batch size
         return False
-    if hint is int:
-        return isinstance(value, numbers.Integral)
+    if hint is int:  # and one that fits in 64 bits: 10**400 steps or pixels is no setting
+        return isinstance(value, numbers.Integral) and -2**63 <= value < 2**63
     if hint is float:  # YAML's .nan and .inf are floats, but no learning rate or scale
-        return isinstance(value, numbers.Real) and math.isfinite(value)
+        try:
+            return isinstance(value, numbers.Real) and math.isfinite(value)
+        except OverflowError:  # an integer beyond any float
+            return False
     return isinstance(value, origin or hint)
 
 
@@ -79,7 +83,28 @@ def type_error(value: Any, hint: Any) -> str:
     """Why ``value`` fails ``type_ok(value, hint)``, in words."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"{value!r} is not a finite number"
-    return f"{value!r} is not {type_name(hint)}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63 and (
+            int in _flat_args(hint) or float in _flat_args(hint)):
+        return f"{shown(value, 40)} ({len(str(abs(value)))} digits) is beyond any number a setting can hold"
+    return f"{shown(value)} is not {type_name(hint)}"
+
+
+def shown(value: Any, width: int = 80) -> str:
+    """``repr(value)``, cut to ``width`` characters for a one-line error."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more than 4,300 digits
+        text = f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, recursively for mappings; lists and scalars in ``b`` replace ``a``'s.
+    A new mapping: neither input is changed or shared."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 def one_line(err: BaseException, *, with_type: bool = False) -> str:
@@ -116,13 +141,13 @@ def keyed(cls: type, section: Mapping | None) -> Mapping | None:
 def _coerce_float(value: Any) -> Any:
     # PyYAML reads "1e-4" (no dot) as a string; a user means the number. And 1 means 1.0:
     # the two spellings must hash alike.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        except ValueError:
-            return value
+        if isinstance(value, str):
+            return float(value)
+    except (ValueError, OverflowError):  # not a number, or an integer beyond any float
+        return value
     return value
 
 

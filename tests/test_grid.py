@@ -116,7 +116,7 @@ BAD = {
     "unknown model": ("base: {model: DiT-XXL/2}", "base.model", "unknown model 'DiT-XXL/2'"),
     "unknown dataset": ("base: {model: DiT-T/4, data: {name: digts}}", "base.data.name", "did you mean 'digits'"),
     "patch does not divide": ("base: {model: DiT-T/8, data: {name: digits, image_size: 12}}",
-                              "base.patch_size", "8 does not divide the input size 12"),
+                              "base.model", "8 does not divide the input size 12"),  # the patch size came from the model
     "wrong type": (f"base: {{{M}, seed: zero}}", "base.seed", "'zero' is not an integer"),
     "negative count": (f"base: {{{M}, measure: [train], train: {{steps: -5}}}}", "base.train.steps",
                        "-5 must be > 0"),

@@ -190,7 +190,7 @@ def test_pending_from_another_machine_reads_the_device_keys_its_runner_stored(tm
     store = Store(tmp_path / "results")
     assert [left for _, left in pending(g, store, here=False)] == [["flops", "timing"]] * 2
     config = g.cells[0]
-    keys = {**cell_keys(config), "timing": "timing-onthegpunode"}  # as the GPU node resolved it
+    keys = {**cell_keys(config), "timing": "timing-0123456789ab"}  # as the GPU node resolved it
     store.save_cell(_id(config), config, keys)
     for key in keys.values():
         store.save_result(key, {"status": "ok", "metrics": {}})

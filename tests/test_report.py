@@ -24,7 +24,7 @@ from ablate.report.palette import FALLBACK, PALETTE, block_colors
 from ablate.store import Store
 from ablate.sampling import save_grid
 
-from ablate.cell import cell_id, measurement_key
+from ablate.cell import cell_id, measurement_key, resolve
 
 BLOCKS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 SEEDS = (0, 1, 2)
@@ -71,8 +71,8 @@ def write_results(grid_path: Path, root: Path, *, fid: bool = True) -> Store:
         b, seed = config["block"], config["seed"]
         cid = cell_id(config)
         keys = {name: measurement_key(config, name) for name in config["measure"]}
-        if fid:
-            keys["fid"] = f"fid-{cid}"  # the fid measurement (issue 10) may not be registered yet
+        if fid:  # the grid's cells with an FID as well, under the key the fid measurement has
+            keys["fid"] = measurement_key(resolve({**config, "measure": [*config["measure"], "fid"]}), "fid")
         store.save_cell(cid, config, keys, index)
         smaller_patches = 4 // config["patch_size"]  # DiT-XS/2: 4x the tokens of DiT-XS/4, a better FID
         final = FID[b][seed] / smaller_patches
@@ -340,7 +340,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
                   "none of the grid's 12 cells has results here"))
     pending = Store(tmp_path / "pending")  # the grid's cells, none measured yet
     for i, config in enumerate(load_grid(grid).cells):
-        pending.save_cell(cell_id(config), config, {"flops": f"flops-{i}"}, i)
+        pending.save_cell(cell_id(config), config, {"flops": f"flops-{i:012x}"}, i)
     cases.append((["report", str(grid), "--results", str(pending.root)],
                   "none of the 12 cells has a finished measurement yet"))
     for args, words in cases:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablate.store import Store, flatten, write_json
+from ablate.files import write_json
+from ablate.store import Store, flatten
 from conftest import PROBE, probe_grid
 
 
@@ -43,8 +44,8 @@ def test_flatten_dotted_columns():
 def test_claim_is_exclusive_between_processes(tmp_path):
     store = Store(tmp_path)
     code = ("import sys; from ablate.store import Store\n"
-            f"with Store({str(tmp_path)!r}).claim('k') as mine: print(mine)")
-    with store.claim("k") as mine:
+            f"with Store({str(tmp_path)!r}).claim('probe-0123456789ab') as mine: print(mine)")
+    with store.claim("probe-0123456789ab") as mine:
         assert mine
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert other.stdout.strip() == "False"

@@ -10,21 +10,30 @@ against FID over model and patch sizes (its Figure 8); 3. cost per block design 
 paper's Table 4; 4. loss curves and samples; 5. a summary table (mean ± std over seeds) with
 one sentence per comparison of blocks. A figure whose metrics the grid lacks is left out with
 a line saying why; the report itself is always written.
+
+The report only reads the results folder (nothing there is set aside or changed) and makes the
+same checks ``ablate run`` and ``ablate table`` make. It is written whole: into a new temporary
+folder beside ``out``, which then takes ``out``'s place in one rename, so an interrupted report
+leaves the previous one as it was. ``out`` is replaced only if it holds nothing but what a
+report wrote (listed in its ``MANIFEST``); a folder holding anything else is refused.
 """
 from __future__ import annotations
 
+import io
+import json
+import os
 import re
-import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
-from ..store import Store, write_atomic
+from .. import files
+from ..store import Store, StoreError
 from . import stats
 from .data import ReportError, Results
 from .figures import FIGURES, THEME, fid_label, fid_source, sample_count, shown_samples
-from .palette import block_order
+from .palette import block_order, paper_ordering
 from .render import Document
 
 __all__ = ["ReportError", "Results", "write_report"]
@@ -40,11 +49,20 @@ CAPTIONS = {
 }
 
 
+MANIFEST = ".ablate-report"  # the names this report wrote, so the next one knows what it may replace
+
+
 def write_report(store: Store, out: str | Path, *, name: str, description: str = "",
                  cell_ids: set[str] | None = None, progress: bool = True) -> Path:
     """Write the report of the cells of ``store`` (only ``cell_ids`` if given) into ``out``;
     returns the path of report.md. Raises ReportError before writing anything when there is
-    nothing to report."""
+    nothing to report, when the results folder fails its checks, or when ``out`` holds files
+    no report wrote."""
+    store = store.read_only()
+    try:
+        store.check()
+    except StoreError as e:
+        raise ReportError(e.strerror) from None
     r = Results.read(store, cell_ids)
     if not r.cells:
         wanted = f"none of the grid's {len(cell_ids)} cells has" if cell_ids is not None else "no cells have"
@@ -54,42 +72,125 @@ def write_report(store: Store, out: str | Path, *, name: str, description: str =
         raise ReportError(f"{store.root}: none of the {len(r.cells)} cells has a finished measurement yet "
                           f"(run `ablate run {name}`)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
+    written: dict[str, bytes] = {}
     made: dict[str, object] = {}
     with plt.rc_context(THEME):
         for fig_name, build in tqdm(FIGURES.items(), desc="report", unit="figure", disable=not progress):
             fig = build(r)
             if isinstance(fig, str):
                 made[fig_name] = fig
-                for ext in ("png", "svg"):  # a figure from an earlier run of this report is stale now
-                    (out / f"{fig_name}.{ext}").unlink(missing_ok=True)
                 continue
-            fig.savefig(out / f"{fig_name}.png", metadata={"Software": None})
-            fig.savefig(out / f"{fig_name}.svg", metadata={"Date": None})
+            for ext, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
+                buf = io.BytesIO()
+                fig.savefig(buf, format=ext, metadata=metadata)
+                written[f"{fig_name}.{ext}"] = buf.getvalue()
             plt.close(fig)
             made[fig_name] = True
-    copied = _copy_samples(r, out)
-    doc = _document(r, store, name, description, made, copied)
-    write_atomic(out / "report.md", doc.markdown())
-    write_atomic(out / "report.html", doc.html(out))
+    copied = _samples(r)
+    written.update(copied)
+    doc = _document(r, store, name, description, made, list(copied))
+    written["report.md"] = doc.markdown().encode("utf-8")
+    written["report.html"] = doc.html({n.removesuffix(".png"): b for n, b in written.items()
+                                       if n.endswith(".png") and "/" not in n}).encode("utf-8")
+    _write_whole(out, written)
     return out / "report.md"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that is a link, a file, or a folder holding what no report wrote."""
+    if out.is_symlink():
+        raise ReportError(f"--out {out}: a symbolic link; give the folder itself")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ReportError(f"--out {out}: not a folder")
+    ours = _written_by_a_report(out)
+    for folder, dirs, names in os.walk(out):
+        for n in dirs + names:
+            rel = os.path.relpath(os.path.join(folder, n), out).replace(os.sep, "/")
+            if os.path.islink(os.path.join(folder, n)):
+                raise ReportError(f"--out {out}: holds {rel}, a symbolic link, which no report wrote; give a new "
+                                  "or empty folder (or remove the link)")
+            if rel not in ours and not (n in dirs and not os.path.islink(os.path.join(folder, n))
+                                        and any(o.startswith(rel + "/") for o in ours)):
+                raise ReportError(f"--out {out}: holds {rel}, which no report wrote; the report replaces the whole "
+                                  "folder, so give a new or empty one (or move that file)")
+
+
+def _written_by_a_report(out: Path) -> set[str]:
+    """The names in ``out`` a report wrote: its MANIFEST's, or for a report written before
+    reports kept one, those a report writes (report.md begins so, figures, samples/*.png)."""
+    try:
+        names = json.loads(files.read_text(out / MANIFEST, 2**20))
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return {*names, MANIFEST}
+    except (OSError, ValueError):
+        pass
+    try:
+        if not files.read_text(out / "report.md", 2**24).startswith("# Report: "):
+            return set()
+    except (OSError, ValueError):
+        return set()
+    known = {"report.md", "report.html"} | {f"{f}.{e}" for f in FIGURES for e in ("png", "svg")}
+    samples = out / "samples"
+    if samples.is_dir() and not samples.is_symlink():
+        known |= {f"samples/{p.name}" for p in samples.iterdir() if p.suffix == ".png" and not p.is_symlink()
+                  and p.is_file()}
+    return known
+
+
+def _write_whole(out: Path, written: dict[str, bytes]) -> None:
+    """``written`` (relative name -> bytes) as the folder ``out``, in one rename."""
+    files.remove_stale_folders(out)
+    with files.fresh_folder(out) as (parent, fd, tmp):
+        for rel, data in written.items():
+            d = fd
+            if "/" in rel:
+                sub, rel = rel.split("/", 1)
+                try:
+                    os.mkdir(sub, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                d = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                files.write_new(d, rel, data)
+            finally:
+                if d != fd:
+                    os.close(d)
+        files.write_new(fd, MANIFEST, (json.dumps(sorted(written), indent=1) + "\n").encode())
+        os.fsync(fd)
+        try:
+            os.stat(out.name, dir_fd=parent, follow_symlinks=False)
+            exists = True
+        except FileNotFoundError:
+            exists = False
+        if not exists:
+            os.rename(tmp, out.name, src_dir_fd=parent, dst_dir_fd=parent)
+        elif not files.exchange(parent, tmp, out.name):
+            # No atomic swap here: the old report goes aside under the temporary name first.
+            old = files.temp_name(out.name)
+            os.rename(out.name, old, src_dir_fd=parent, dst_dir_fd=parent)
+            os.rename(tmp, out.name, src_dir_fd=parent, dst_dir_fd=parent)
+            os.rename(old, tmp, src_dir_fd=parent, dst_dir_fd=parent)
+        # tmp now names the previous report (or nothing): fresh_folder removes it.
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def _copy_samples(r: Results, out: Path) -> list[str]:
-    """Copy the sample grids the report shows beside it, so it does not need results/work."""
-    folder = out / "samples"
-    shutil.rmtree(folder, ignore_errors=True)
-    names = []
+def _samples(r: Results) -> dict[str, bytes]:
+    """The sample grids the report shows, to copy beside it (so it does not need results/work),
+    read without following links out of the results folder."""
+    out = {}
     for variant, block, c in shown_samples(r):
-        folder.mkdir(exist_ok=True)
-        dest = folder / f"{_slug(variant)}_{block}_seed{c.seed}_{c.samples.stem.rpartition('_')[2]}.png"
-        shutil.copyfile(c.samples, dest)
-        names.append(f"samples/{dest.name}")
-    return names
+        name = f"samples/{_slug(variant)}_{_slug(block)}_seed{c.seed}_{c.samples.stem.rpartition('_')[2]}.png"
+        try:
+            out[name] = files.read_bytes(c.samples, 2**28)
+        except OSError as e:
+            raise ReportError(f"{c.samples}: cannot be read: {e.strerror or e}") from None
+    return out
 
 
 def _figure(doc: Document, made: dict, name: str, caption: str = "") -> None:
@@ -139,8 +240,8 @@ def _document(r: Results, store: Store, name: str, description: str, made: dict,
              f"spread. FID and KID ({fid_source(r)}): lower is better; precision and recall: higher is better.")
     sentences = stats.comparisons(t)
     if sentences:
-        doc.para("Did the paper's ordering hold? The paper: adaLN-Zero has the best FID, then cross-attention, "
-                 "adaLN, and in-context the worst. A difference counts as beyond the spread over seeds when the "
+        doc.para(f"Did the paper's ordering hold? The paper: {paper_ordering()}. "
+                 "A difference counts as beyond the spread over seeds when the "
                  "difference of the mean FIDs is larger than the larger of the two standard deviations; Welch's "
                  "t-test p is given beside it (few seeds: a hint, not the criterion).")
         doc.bullets(sentences)

@@ -10,8 +10,6 @@ import base64
 import html
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-
 from tabulate import tabulate
 
 STYLE = """
@@ -74,7 +72,8 @@ class Document:
                 out += [f"![{a[0].replace('_', ' ')}]({a[0]}.png)", "", f"*{a[1]}* ([SVG]({a[0]}.svg))", ""]
         return "\n".join(out).rstrip() + "\n"
 
-    def html(self, folder: Path) -> str:
+    def html(self, images: dict[str, bytes]) -> str:
+        """The page, each figure embedded from ``images`` (figure name -> PNG bytes)."""
         body = [f"<h1>{_inline(self.title)}</h1>"]
         for kind, *a in self.parts:
             if kind == "heading":
@@ -90,7 +89,7 @@ class Document:
                 rows = "".join("<tr>" + "".join(_td(str(c)) for c in row) + "</tr>" for row in a[1])
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
             elif kind == "figure":
-                data = base64.b64encode((folder / f"{a[0]}.png").read_bytes()).decode("ascii")
+                data = base64.b64encode(images[a[0]]).decode("ascii")
                 body.append(f'<figure id="{a[0]}"><img src="data:image/png;base64,{data}" alt="{html.escape(a[1])}">'
                             f"<figcaption>{_inline(a[1])}</figcaption></figure>")
         return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

@@ -15,12 +15,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from .palette import block_order
-
-# The paper's Figure 5 / Table 4 ordering of the conditioning blocks by FID, best first.
-PAPER_FID_ORDER = ("adaln-zero", "cross-attn", "adaln", "in-context")
-PAPER_NAMES = {"adaln-zero": "adaLN-Zero", "cross-attn": "cross-attention", "adaln": "adaLN",
-               "in-context": "in-context"}
+from .palette import PAPER_FID_ORDER, PAPER_NAMES, block_order
 
 # (metric, column title) of the summary table, in the order shown.
 SUMMARY_METRICS = (
