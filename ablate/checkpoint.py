@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -40,14 +39,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a fresh temporary file and rename it over ``path``: a crash or a full disk
     mid-write leaves the previous checkpoint intact and no temporary file behind (a kill -9
-    leaves one, which the next run removes: ``remove_stale_temps``)."""
-    def write(tmp: Path) -> None:
+    leaves one, which the next run removes: ``files.remove_stale_temps``)."""
+    def write(tmp) -> None:
         try:
             torch.save(state, tmp)
         except RuntimeError as e:
             # torch's zip writer reports a failed write as "[enforce fail at inline_container.cc]
             # ... file write failed" or "unexpected pos", whatever the cause: name a full disk.
-            free = shutil.disk_usage(tmp.parent).free
+            free = shutil.disk_usage(Path(path).parent).free
             if free < _nbytes(state) + 2**20:
                 raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.0f} MB free, the "
                                             f"checkpoint needs {_nbytes(state) / 2**20:.0f} MB)", str(path)) from e
@@ -135,34 +134,6 @@ def load_or_set_aside(path: Path, move: bool = True, weights: dict | None = None
         aside = set_aside(path)
         print(f"warning: {path}: {why}; kept as {aside.name}, training starts over", file=sys.stderr, flush=True)
     return None
-
-
-# files.fresh_temp's names for the files a run writes here: ".NAME.<8 hex>.tmp".
-_STALE_TEMP = re.compile(r"\.(checkpoint\.pt|ema_step\d{7}\.pt|samples_step\d{7}\.png)\.[0-9a-f]{8}\.tmp")
-
-
-def remove_stale_temps(workdir: Path) -> list[str]:
-    """Remove the temporary files that a killed writer left in ``workdir`` (a kill -9 during
-    ``save_checkpoint``: gigabytes at DiT-XL/2); returns their names. Only regular files
-    named as this run's temporary files, directly inside ``workdir`` (not through a link:
-    the folder is opened without following one). Call it while no other process writes
-    here (the runner holds the measurement's claim)."""
-    try:
-        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return []
-    removed = []
-    try:
-        for entry in os.scandir(fd):
-            if _STALE_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                try:
-                    os.unlink(entry.name, dir_fd=fd)
-                    removed.append(entry.name)
-                except FileNotFoundError:
-                    pass
-    finally:
-        os.close(fd)
-    return removed
 
 
 def ema_states(workdir: Path | str) -> dict[int, Path]:

@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .checkpoint import (CHECKPOINT, EMA_SNAPSHOT, load_or_set_aside, remove_stale_temps, rng_state,
+from .checkpoint import (CHECKPOINT, EMA_SNAPSHOT, load_or_set_aside, rng_state,
                          save_checkpoint, set_rng_state)
+from .files import make_folder, remove_stale_temps
 from .collective import all_gather, leader_only, mean, world as current_world
 from .diffusion import LOSSES, create_diffusion
 from .precision import PRECISIONS as ALL_PRECISIONS
@@ -159,7 +160,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, dataset, settings: TrainSettings, workdir: Path, seed: int,
                  device: torch.device, evaluate: Callable | None):
-        workdir.mkdir(parents=True, exist_ok=True)
+        make_folder(workdir)
         self.dataset, self.settings, self.workdir, self.seed, self.device = dataset, settings, workdir, seed, device
         self.evaluate = evaluate
         # Under torchrun: every rank trains its share, rank 0 alone writes (ablate.collective).
@@ -171,7 +172,7 @@ class Trainer:
         self.model = model.to(device).train()
         self.path = workdir / CHECKPOINT
         if self.world.leader:  # what a killed writer left behind (rank 0 alone writes here)
-            remove_stale_temps(workdir)
+            remove_stale_temps(workdir, older_than_s=0)  # a live writer holds its file's lock
         ck = load_or_set_aside(self.path, move=self.world.leader, weights=self.model.state_dict())
         steps = all_gather(None if ck is None else ck["step"])
         if len(set(steps)) > 1:  # a checkpoint replaced while the ranks read it

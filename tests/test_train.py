@@ -327,14 +327,16 @@ def test_a_full_disk_while_saving_a_checkpoint_says_no_space_left(tmp_path, smal
 
 
 def test_a_run_removes_the_temporary_files_a_killed_writer_left_and_nothing_else(tmp_path, small):
-    from ablate.checkpoint import remove_stale_temps
+    from ablate.files import own, remove_stale_temps
 
+    own(tmp_path)  # as the store owns its results folder: no link below it is followed
     work = tmp_path / "run"
     work.mkdir()
     outside = tmp_path / "outside.pt"
     outside.write_bytes(b"keep")
-    stale = [".checkpoint.pt.0123abcd.tmp", ".ema_step0000003.pt.deadbeef.tmp", ".samples_step0000003.png.00ff00ff.tmp"]
-    kept = [".checkpoint.pt.xyz.tmp", "notes.tmp", ".other.pt.0123abcd.tmp", ".checkpoint.pt.0123abcd.tmp.keep"]
+    stale = [".checkpoint.pt.0123abcd.tmp", ".ema_step0000003.pt.deadbeef.tmp", ".samples_step0000003.png.00ff00ff.tmp",
+             ".other.pt.0123abcd.tmp"]
+    kept = [".checkpoint.pt.xyz.tmp", "notes.tmp", ".checkpoint.pt.0123abcd.tmp.keep"]
     for name in stale + kept:
         (work / name).write_bytes(b"x" * 10)
     (work / ".checkpoint.pt.aaaaaaaa.tmp").symlink_to(outside)  # a link: not ours to remove, never followed
