@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 11 in one script, most important first, under a hard time budget
-# (default 290 s: ABLATE_GPU_CHECK_BUDGET; a section that would start with under 15 s left is
+# The GPU checks in one script, most important first, under a hard time budget (default
+# 290 s: ABLATE_GPU_CHECK_BUDGET; a section that would start with under 15 s left is
 # skipped, and listed so in summary.txt). Each table lands in $OUT/ (default /tmp/ablate-gpu-check)
 # as it is made (the benchmark tables row by row); exit 0 when every section that ran exited 0,
 # else 1 (summary.txt says which; a section skipped for the budget is not a failure, but no
@@ -32,19 +32,20 @@
 # Compiles (about 40-80 s each cold on an H100): a1 1, a2 0 (cache), a3 1 (+1 of one block), b 1, d 1, e 2, h 2,
 # i 1, j 2 (one max-autotune: minutes), k 1 (max-autotune), l 2, m 3 (coordinate descent: longer), n 3.
 # Measured on an H100: a1 80 s, a2 27 s, a3 131 s, e 120 s, g 27 s, h 82 s, c 69 s, f 87 s
-# (b and d: ~60-90 s, estimates): the default budget reaches b's start (b timed out in it on
-# 2026-11-27). Sections already measured can be left out. Never run yet: l, m, n (written
-# 2026-12-07; caps 170 + 230 + 290 s). The next GPU session's one call (about 7 minutes with
-# the set-up; a section cut short keeps the rows it finished):
+# (b and d: about 60-90 s, estimates): the default budget ends during b. Not yet timed on a
+# GPU: l, m, n (caps 170 + 230 + 290 s). To run only the levers l and m (about 7 minutes
+# with the set-up; a section cut short keeps the rows it finished):
 #   export ABLATE_GPU_CHECK_SECTIONS=sample_XL2_levers,train_S2_levers
 #   ABLATE_GPU_CHECK_BUDGET=420 bash benchmarks/gpu_check.sh
 #
-#   bash benchmarks/gpu_wheels.sh           # here, first: the wheels the GPU image lacks, into .whl/
-#   bash benchmarks/gpu_check.sh            # on the GPU (a device call carrying .whl: installed from there)
+#   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository's root
 #   bash benchmarks/gpu_check.sh --tiny     # tiny models on this machine's device (a CPU: ~3 min)
 #   bash benchmarks/gpu_check.sh --help     # this text
 #   ABLATE_GPU_CHECK_SECTIONS=train_S2_extra,timing_grid bash benchmarks/gpu_check.sh   # only these (commas or spaces)
 # (section names: the table names above without .md, e.g. train_XL2, sample_XL2, train_digits_torchrun)
+# On a GPU machine without a network, whose image lacks ablate's pure-Python dependencies:
+# run `bash benchmarks/gpu_wheels.sh` first where there is a network, and copy the repository
+# with its .whl/ folder; the wheels there are installed into /tmp/site before the sections run.
 set -u
 # A closed stdout (gpu_check.sh | head) must not end the check at its next echo: the tables
 # go to $OUT whatever becomes of the console.
@@ -239,7 +240,7 @@ run_grid() {
 export -f run_grid
 section timing_grid 100 bash -c run_grid
 
-# (f) the torchrun path (issue 13) with one rank per GPU: nccl, DDP, rank 0's orders; the
+# (f) the torchrun path with one rank per GPU: nccl, DDP, rank 0's orders; the
 # same training grid as (d) with its own results folder, so its table sits beside d's
 run_ddp() {
   n=$($PY -c "import torch; print(max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2)")
@@ -261,7 +262,7 @@ section train_S2_autotune 240 $PY $TT "${S[@]}" "${AUTOTUNE[@]}" --rows official
 section sample_XL2_autotune 200 $PY $TT "${SAMPLE[@]}" "${AUTOTUNE[@]}" --sample --sample-rows official-bf16,max-autotune \
   --out "$OUT/sample_XL2_autotune.md"
 
-# (l, m, n) levers for the goal ratios not met yet (issue 11), never run on a GPU before:
+# (l, m, n) levers against the elementwise time of the step (docs/speed.md), each a setting:
 # sampling with a bf16 network; a bf16 residual stream; Inductor's tuning of its fused kernels.
 section sample_XL2_levers 170 $PY $TT "${SAMPLE[@]}" --sample --sample-rows official-bf16,default,bf16-true \
   --profile 2 --out "$OUT/sample_XL2_levers.md"

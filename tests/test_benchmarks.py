@@ -150,7 +150,7 @@ def md_rows(path) -> list[dict]:
 
 def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
     """benchmarks/gpu_check.sh --tiny: every section of the GPU check, on tiny models on this
-    CPU (about 2 minutes), so the script a GPU session runs once cannot rot unseen."""
+    CPU (about 2 minutes), so the script run on a GPU cannot rot unseen."""
     import os
     import subprocess
 

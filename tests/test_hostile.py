@@ -1,4 +1,4 @@
-"""What a new user and a hostile or unlucky input hit (issue 9), run as a user runs them:
+"""What a new user and a hostile or unlucky input hit, run as a user runs them:
 the `ablate` command in a fresh process. Bad input is one line, exit 2, no traceback."""
 import os
 import textwrap
