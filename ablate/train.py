@@ -485,11 +485,13 @@ class Trainer:
         self.log.append({"step": step, "loss": self.last_loss, "step_ms": 1e3 * seconds / self.timed_steps,
                          "img_per_s": images / seconds, "images": images, "train_wall_s": self._wall(),
                          "first_window": self.first_window})
-        if self.watch is not None:
-            self.watch.window(self.log[-1], self.optimizer, self.device)
         self.loss_sum.zero_()
         self.window_steps = self.timed_steps = 0
         self.first_window, self.t_window, self.window_paused = False, now, 0.0
+        if self.watch is not None:  # live curves; the clock is stopped meanwhile
+            self.watch.window(self.log[-1], self.optimizer, self.device)
+            self.t_window = time.perf_counter()
+            self.paused += self.t_window - now
 
     def _pause(self, step: int, due_eval: bool, due_checkpoint: bool, due_snapshot: bool = False) -> None:
         """Evaluate, snapshot the EMA and/or checkpoint with the training clock stopped."""
