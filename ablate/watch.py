@@ -228,6 +228,8 @@ class Watch:
         if "wandb" in t.backends:
             wandb = _wandb()
             folder = _real_folder(t.results, "wandb")
+            for var, name in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+                os.environ.setdefault(var, str(folder / name))  # W&B's own logs and staging too, unless set
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ablate"), group=t.group, name=t.label,
                                   id=t.run_id, resume="allow", dir=str(folder.parent), config=t.hparams,
                                   reinit="create_new")

@@ -246,9 +246,12 @@ def test_wandb_offline_logs_the_same_values_one_run_per_cell(tmp_path):
     g = grid(tmp_path, "{steps: 20, batch_size: 16, precision: fp32, log_every: 5, eval_every: 10, eval_samples: 4, "
                        "sample_steps: 5}")
     results = tmp_path / "results"
+    home = tmp_path / "home"
+    home.mkdir()
     r = run_cli("run", g, "--results", results, "--no-progress", "--log", "tensorboard,wandb",
-                env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"})
+                env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "HOME": str(home)})
     assert r.returncode == 0, r.stderr
+    assert [p for p in home.rglob("*") if p.is_file()] == []  # W&B wrote its files under the results folder too
     (train,) = [json.loads(p.read_text()) for p in (results / "measurements").glob("train-*.json")]
     (run_file,) = (results / "wandb").glob(f"offline-run-*-{train['key']}/run-{train['key']}.wandb")
     rows = wandb_history(run_file)
