@@ -287,3 +287,15 @@ def test_live_logs_are_never_written_through_a_symbolic_link(tmp_path):
     assert r.returncode == 1
     assert "train: " in r.stderr and "a symbolic link; live logs are written only into real folders" in r.stderr
     assert list((results / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.parametrize("label, name", [
+    ("DiT-XS/4 adaln-zero seed=0", "DiT-XS_4 adaln-zero seed=0"),
+    ("DiT-S/2 adaln seed=1 data.path=../../etc", "DiT-S_2 adaln seed=1 data.path=.._.._etc"),
+    ("../..", "_"),
+    ("...", "cell"),
+])
+def test_a_cell_label_becomes_one_folder_name_inside_the_results_folder(label, name):
+    from ablate.watch import folder_name
+
+    assert folder_name(label) == name
