@@ -230,6 +230,7 @@ class Cell:
         self.id = cell_id(config)
         self._workdir = Path(workdir)
         self.needed = needed or {}
+        self.watch = None  # where live curves go (ablate.watch.Target), set by the runner on rank 0
 
     @property
     def workdir(self) -> Path:

@@ -125,9 +125,12 @@ def main():
 @click.option("--detach", is_flag=True, help="[submitit] submit and return, without waiting for the tasks.")
 @click.option("--cell", "only_cells", multiple=True, metavar="ID",
               help="Only this cell (its cell_id, as `ablate table` or --dry-run shows it); repeatable.")
+@click.option("--log", "log", metavar="BACKENDS",
+              help="Live curves of each cell as it trains: tensorboard (the default; in <results>/tensorboard), "
+                   "wandb (needs the wandb package), tensorboard,wandb, or none.")
 def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_gpu, worker, launcher, cluster,
         partition, gpus_per_node, cpus_per_task, mem_gb, timeout_min, slurm_array_parallelism, ranks_per_task, detach,
-        only_cells):
+        only_cells, log):
     """Run GRID (a YAML file, or the name of a built-in grid, see `ablate ls grids`; default: quick).
 
     Cells already measured are skipped, interrupted training resumes from its checkpoint,
@@ -148,6 +151,7 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
     from .runner import cell_keys, describe, run_grid
 
     g = _load(grid)
+    _choose_log(log)
     if only_cells:
         known = [cell_id(c) for c in g.cells]
         for cid in only_cells:
@@ -260,6 +264,53 @@ def run(grid, results, dry_run, retry_failed, progress, wait_s, jobs, jobs_per_g
                    "run again to finish it", err=True)
     if summary.failed or summary.busy:
         sys.exit(1)
+
+
+def _choose_log(log: str | None) -> None:
+    """``--log``, checked (a missing package is one line), for this process and those it
+    starts (workers, SLURM tasks, torchrun ranks), which inherit the environment."""
+    import os
+
+    from .watch import LOG_ENV, WatchUnavailable, backends, check_available
+
+    try:
+        names = backends(log)
+        check_available(names)
+    except ValueError as e:
+        _fail(f"--log: {e}")
+    except WatchUnavailable as e:
+        _fail(str(e))
+    os.environ[LOG_ENV] = ",".join(names) or "none"
+
+
+@main.command()
+@click.argument("grid", required=False)
+@click.option("--results", metavar="DIR", help="Results folder (default: results/<grid name>).")
+@click.option("--watch", "every", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Show it again every SECONDS, until Ctrl-C.")
+def status(grid, results, every):
+    """What each cell of GRID (default: quick) is doing now: done, running (which process
+    holds it: host, pid, since when; its training step, rate and time left), failed or
+    pending. Reads the results folder only, so it runs from any machine that sees it (a
+    login node) and starts and writes nothing."""
+    import time
+
+    from .status import grid_status, render
+
+    g = _load(grid)
+    store = _open_store(_results_dir(results, g.name), set_aside=False)
+    try:
+        while True:
+            text = render(grid_status(g, store), store.root)
+            if every and sys.stdout.isatty():
+                click.clear()
+            click.echo(text)
+            if not every:
+                return
+            time.sleep(every)
+            click.echo()
+    except KeyboardInterrupt:  # the way out of --watch
+        return
 
 
 def _log_line(event: str, step) -> None:

@@ -28,6 +28,7 @@ from .grid import Grid
 from .measure import MEASURES, Measurement
 from .settings import one_line
 from .store import Store, flatten
+from .watch import Target, backends
 
 
 @dataclass
@@ -233,10 +234,22 @@ class Runner:
                 needed[dep] = Needed(res["metrics"], self.store.workdir(key), self.store.result_path(key))
         return needed, failed
 
+    def _watch(self, step: Step) -> Target:
+        """Where the step's live values go: the cell's TensorBoard folder (by its label) and
+        W&B run (one per trained cell, grouped by the results folder's name, the grid's by
+        default), its settings as hyperparameters with its cost where flops is measured."""
+        hparams = {k: v for k, v in flatten(step.config).items() if k != "measure"}
+        cost = self.store.result(step.keys["flops"]) if "flops" in step.keys else None
+        if cost is not None and cost["status"] == "ok":
+            hparams.update({f"cost.{k}": cost["metrics"][k] for k in ("gflops", "params_m") if k in cost["metrics"]})
+        return Target(self.store.root, step.label, step.keys.get("train", step.key), self.store.root.resolve().name,
+                      hparams, backends(), self.store.workdir(step.key))
+
     def _run(self, step: Step, needed: dict[str, Needed], failed: list[str]) -> dict:
         """Measure the step; its record, ok or failed."""
         m = MEASURES.get(step.name)
         cell = Cell(step.config, self.store.workdir(step.key), needed)
+        cell.watch = self._watch(step)  # live curves and progress (ablate.watch)
         record = {"measure": step.name, "key": step.key, "cell_id": step.cell_id, "started": now()}
         t0 = time.perf_counter()
         try:

@@ -33,6 +33,7 @@ from .precision import synchronize
 from .sampling import SamplingOptions, sample_images, save_grid
 from .settings import ConfigError, choice, positive
 from .step import StepOptions, TrainStep, peak_memory_mb, reset_peak_memory
+from .watch import Watch  # live curves: TensorBoard, W&B, the progress file
 
 # tf32 is a CUDA matmul mode that timing compares; training runs fp32 or bf16 autocast.
 PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "tf32")
@@ -130,14 +131,16 @@ def _plain(v: Any) -> Any:
 # ---------------------------------------------------------------------------------
 def train(model: nn.Module, dataset, settings: TrainSettings, *, workdir: Path | str, seed: int,
           device: torch.device | str, progress: bool = True,
-          evaluate: Callable[[nn.Module, torch.Tensor, int], dict] | None = None) -> dict:
+          evaluate: Callable[[nn.Module, torch.Tensor, int], dict] | None = None,
+          watch: Watch | None = None) -> dict:
     """Train ``model`` on ``dataset`` for ``settings.steps`` steps, resuming from
     ``workdir/checkpoint.pt`` if it exists.
 
     Every ``eval_every`` steps and at the end, ``eval_samples`` EMA samples are drawn,
     saved as ``workdir/samples_step{step:07d}.png`` and passed to
     ``evaluate(ema_model, samples, step)`` (samples (n, C, H, W) in [-1, 1] on ``device``,
-    labels i % num_classes), whose dict is recorded in ``evals``. Returns the summary row:
+    labels i % num_classes), whose dict is recorded in ``evals``. ``watch`` (ablate.watch)
+    is told of each log window and evaluation as they happen. Returns the summary row:
     train_steps, loss_start, final_loss, train_img_per_s, train_wall_s, train_precision,
     and the non-scalar ``log`` and ``evals``.
     """
@@ -145,7 +148,7 @@ def train(model: nn.Module, dataset, settings: TrainSettings, *, workdir: Path |
     device = torch.device(device)
     if settings.cfg_scale != 1.0 and settings.eval_samples and model.y_embedder.dropout_prob <= 0:
         raise ValueError("train.cfg_scale != 1 needs a model with class_dropout_prob > 0")
-    trainer = Trainer(model, dataset, settings, Path(workdir), seed, device, evaluate)
+    trainer = Trainer(model, dataset, settings, Path(workdir), seed, device, evaluate, watch)
     trainer.run(progress)
     return {**summarize(trainer.log, trainer.evals, trainer.precision),
             "train_compile": trainer.compile, "train_compile_s": trainer.step.compile_s,
@@ -159,7 +162,7 @@ class Trainer:
     evaluation or a checkpoint pauses the clock (``_pause``)."""
 
     def __init__(self, model: nn.Module, dataset, settings: TrainSettings, workdir: Path, seed: int,
-                 device: torch.device, evaluate: Callable | None):
+                 device: torch.device, evaluate: Callable | None, watch: Watch | None = None):
         make_folder(workdir)
         self.dataset, self.settings, self.workdir, self.seed, self.device = dataset, settings, workdir, seed, device
         self.evaluate = evaluate
@@ -168,6 +171,7 @@ class Trainer:
         problem = settings.rank_problem(self.world.size)  # refused on every rank alike
         if problem:
             raise ValueError(f"train.{problem}")
+        self.watch = watch if self.world.leader else None  # live curves: rank 0 alone
         torch.manual_seed(seed)  # timesteps, noise and label dropout all draw from the global RNG
         self.model = model.to(device).train()
         self.path = workdir / CHECKPOINT
@@ -223,6 +227,8 @@ class Trainer:
         reset_peak_memory(self.device)
         self.t_start = self.t_window = time.perf_counter()
         self.paused = self.window_paused = 0.0  # seconds spent evaluating and checkpointing, not training
+        if self.watch is not None:  # resumed: what was logged after the checkpoint is logged again
+            self.watch.start(self.start, s.steps)
         for step in range(self.start + 1, s.steps + 1):
             self._train_step()
             bar.update(1)
@@ -263,6 +269,10 @@ class Trainer:
         self.loss_sum.zero_()
         self.window_steps = self.timed_steps = 0
         self.first_window, self.t_window, self.window_paused = False, now, 0.0
+        if self.watch is not None:  # live curves; the clock is stopped meanwhile
+            self.watch.window(self.log[-1], self.optimizer, self.device)
+            self.t_window = time.perf_counter()
+            self.paused += self.t_window - now
 
     def _pause(self, step: int, due_eval: bool, due_checkpoint: bool, due_snapshot: bool = False) -> None:
         """Evaluate, snapshot the EMA and/or checkpoint with the training clock stopped."""
@@ -296,6 +306,8 @@ class Trainer:
         metrics = self.evaluate(self.ema, samples, step) if self.evaluate is not None else {}
         self.evals.append({"step": step, "train_loss": self.last_loss, "train_wall_s": train_wall,
                            **{k: _plain(v) for k, v in metrics.items()}})
+        if self.watch is not None:
+            self.watch.evaluation(self.evals[-1], self.workdir / f"samples_step{step:07d}.png")
 
     def _checkpoint(self, step: int, train_wall: float, window_loss: torch.Tensor) -> None:
         """``window_loss``: the log window's loss sum so far, averaged over the ranks (each

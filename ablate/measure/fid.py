@@ -73,6 +73,7 @@ def fid(cell, progress: bool = True) -> dict:
     from ..quality.sources import from_dataset, from_samples
     from ..checkpoint import ema_states, load_ema, trained_precision
     from ..sampling import sample_images
+    from ..watch import watching
 
     s = cell.settings("fid")
     train = cell.needed["train"]
@@ -105,17 +106,22 @@ def fid(cell, progress: bool = True) -> dict:
 
         fresh_compiles()
     over_steps = []
-    for step, path in tqdm(states.items(), desc="fid", unit="step", disable=not progress, leave=False):
-        model.load_state_dict(load_ema(path)[1])
-        samples, _ = sample_images(model, s.samples, s, image_size=image_size, precision=precision, seed=s.seed,
-                                   batch_size=s.batch_size, device=cell.device, compile=compile, world=w,
-                                   uint8=True)
-        with leader_only() as lead:
-            if lead:
-                scores = quality(from_samples(samples), reference, extractor, batch_size=s.batch_size,
-                                 device=cell.device)
-                over_steps.append({"step": step, **scores})
-        del samples
+    with watching(cell.watch if w.leader else None) as watch:  # live: each point as it is scored
+        if watch is not None:
+            watch.start_quality()
+        for step, path in tqdm(states.items(), desc="fid", unit="step", disable=not progress, leave=False):
+            model.load_state_dict(load_ema(path)[1])
+            samples, _ = sample_images(model, s.samples, s, image_size=image_size, precision=precision, seed=s.seed,
+                                       batch_size=s.batch_size, device=cell.device, compile=compile, world=w,
+                                       uint8=True)
+            with leader_only() as lead:
+                if lead:
+                    scores = quality(from_samples(samples), reference, extractor, batch_size=s.batch_size,
+                                     device=cell.device)
+                    over_steps.append({"step": step, **scores})
+                    if watch is not None:
+                        watch.quality(step, scores)
+            del samples
     if cell.device.type == "cuda":
         torch.cuda.empty_cache()
     if not w.leader:

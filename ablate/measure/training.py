@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import MODEL_KEYS, register_measure
 from ..train import TrainSettings, train as train_loop
+from ..watch import watching
 
 
 @register_measure("train", settings=TrainSettings, uses=MODEL_KEYS + ("seed",),
@@ -15,5 +16,6 @@ from ..train import TrainSettings, train as train_loop
 def train(cell, progress: bool = True) -> dict:
     """Short DDPM training run: loss curve, images/s, samples over steps."""
     model = cell.build_model()
-    return train_loop(model, cell.dataset, cell.settings("train"), workdir=cell.workdir, seed=cell.config["seed"],
-                      device=cell.device, progress=progress)
+    with watching(cell.watch) as watch:
+        return train_loop(model, cell.dataset, cell.settings("train"), workdir=cell.workdir,
+                          seed=cell.config["seed"], device=cell.device, progress=progress, watch=watch)
