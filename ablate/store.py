@@ -89,11 +89,11 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 
 class Store:
-    def __init__(self, root: str | Path, *, set_aside: bool = True, report: bool = True):
+    def __init__(self, root: str | Path, *, set_aside: bool = True, warn_unreadable: bool = True):
         self.root = Path(root)
-        # Rename unreadable records to *.corrupt (run); only report them (table, dry run), or
-        # not even that (report=False: a torchrun follower's look, rank 0 reports).
-        self.set_aside, self.report = set_aside, report
+        # Rename unreadable records to *.corrupt (run); only warn of them (table, dry run), or
+        # not even that (warn_unreadable=False: a torchrun follower's look, rank 0 warns).
+        self.set_aside, self.warn_unreadable = set_aside, warn_unreadable
         self._reported: set[Path] = set()
 
     def check(self) -> None:
@@ -137,7 +137,7 @@ class Store:
             return
         self._reported.add(path)
         if not self.set_aside:
-            if self.report:
+            if self.warn_unreadable:
                 warn(f"{path}: unreadable ({problem}); counted as missing (`ablate run` keeps it aside and {what})")
             return
         try:

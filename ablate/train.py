@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from .defaults import SAMPLE_GRID
 from .diffusion import LOSSES, SAMPLERS, check_sample_steps, create_diffusion
 from .distributed import World, all_gather, gather_to_leader, leader_only, mean, world as current_world
 from .precision import PRECISIONS as ALL_PRECISIONS
@@ -511,7 +512,7 @@ class Trainer:
         return samples
 
     def _record_evaluation(self, step: int, samples: torch.Tensor, train_wall: float) -> None:
-        save_grid(samples, self.workdir / f"samples_step{step:07d}.png")
+        save_grid(samples, self.workdir / SAMPLE_GRID.format(step=step))
         metrics = self.evaluate(self.ema, samples, step) if self.evaluate is not None else {}
         self.evals.append({"step": step, "train_loss": self.last_loss, "train_wall_s": train_wall,
                            **{k: _plain(v) for k, v in metrics.items()}})
