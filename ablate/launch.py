@@ -223,7 +223,10 @@ def _stop(workers: list[Worker], grace_s: float = 15.0) -> None:
 
 def _die_with_parent() -> None:
     """In the worker, before exec: SIGTERM when the parent dies, however it dies, so that
-    no orphan keeps measuring after a kill -9 of ``ablate run --jobs``."""
+    no orphan keeps measuring after a kill -9 of ``ablate run --jobs``; and SIGINT as by
+    default, so that a parent started with SIGINT ignored (``nohup``, ``&`` in a script)
+    still stops its workers at once: Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         import ctypes
 
