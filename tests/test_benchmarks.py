@@ -261,3 +261,42 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
     ps = subprocess.run(["pgrep", "-f", "ablate.cli run /tmp/ablate-gpu-check"], capture_output=True, text=True)
     assert ps.stdout == "", ps.stdout
     assert set(Path("/tmp").glob("ablate-gpu-check.*")) <= work_before  # its work folder removed
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--model", "DiT-Q/3"], "--model: unknown model 'DiT-Q/3'"),
+    (["--device", "tpu"], "--device 'tpu': not cpu, cuda or cuda:N"),
+    (["--device", "cpu:5"], "--device 'cpu:5'"),
+    (["--device", "cuda:99"], "CUDA device"),
+    (["--input-size", "15"], "--input-size 15: must be a multiple of DiT-T/8's patch size 8"),
+    (["--num-classes", "0"], "--num-classes 0"),
+    (["--batch", "x"], "--batch: invalid int value"),
+])
+def test_throughput_refuses_bad_arguments_in_one_line(bad, message, capsys, tmp_path):
+    args = ["--model", "DiT-T/8", "--input-size", "16", "--device", "cpu", "--out", str(tmp_path / "t.md")]
+    with pytest.raises(SystemExit) as e:
+        train_throughput.main(args + bad)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_throughput_refuses_an_out_under_a_file_before_measuring(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        train_throughput.main(["--model", "DiT-T/8", "--device", "cpu", "--out", str(tmp_path / "file" / "t.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: --out {tmp_path / 'file' / 't.md'}: {tmp_path / 'file'} is not a folder"]
+
+
+def test_throughput_help_says_every_option_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train_throughput.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = {a.option_strings[-1] for a in train_throughput._parser()._actions if a.option_strings}
+    for action in train_throughput._parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+    assert all(opt in text for opt in options)
+    assert "(default: DiT-S/2)" in text and "(default: 256)" in text and "(default: auto)" in text
+    assert "torch.compile the model: true, false, or auto" in text
