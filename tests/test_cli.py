@@ -147,3 +147,29 @@ def test_validate_says_when_a_plugin_stops_the_process(tmp_path, body, words):
 def test_ls_usage_fits_a_narrow_terminal():
     usage = CliRunner().invoke(main, ["ls", "--help"], prog_name="ablate", terminal_width=60).output.splitlines()[0]
     assert usage == "Usage: ablate ls [OPTIONS] [WHAT]"
+
+
+def test_a_folder_under_a_file_or_with_too_long_a_name_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = grid(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    for args in (["run", str(g), "--results", "afile/sub"], ["table", "--results", "afile/sub"],
+                 ["report", str(g), "--out", "afile/r"]):
+        one_line(CliRunner().invoke(main, args), "afile is a file, not a folder")
+    one_line(CliRunner().invoke(main, ["run", str(g), "--results", "a" * 300]), "File name too long")
+    (tmp_path / "results").write_text("x")  # the default results/<grid> under a file
+    one_line(CliRunner().invoke(main, ["run", str(g), "--no-progress"]), "results is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "x" and (tmp_path / "results").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "g.yaml", "results"]
+
+
+def test_report_only_reads_the_results_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = grid(tmp_path)
+    assert CliRunner().invoke(main, ["run", str(g), "--no-progress"]).exit_code == 0
+    record = next((tmp_path / "results" / "g" / "measurements").glob("*.json"))
+    record.write_text("{not json")
+    r = CliRunner().invoke(main, ["report", str(g), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "unreadable" in r.stderr and record.read_text() == "{not json"  # warned of, not set aside
+    assert not list((tmp_path / "results").rglob("*.corrupt"))

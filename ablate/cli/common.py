@@ -66,7 +66,21 @@ def folder_option(ctx, param, value: str | None) -> str | None:
         raise click.BadParameter("an empty path; name a folder", ctx, param)
     if Path(value).resolve() == Path(Path(value).resolve().anchor):
         raise click.BadParameter(f"{value!r} is the root of the file system; name a folder of its own", ctx, param)
+    blocked = _file_above(Path(value))
+    if blocked is not None:
+        raise click.BadParameter(f"{value!r}: {blocked} is a file, not a folder", ctx, param)
     return value
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` if it is not a folder (nothing can be made under it)."""
+    for above in path.parents:
+        try:
+            if above.exists():
+                return None if above.is_dir() else above
+        except OSError:  # a name too long, a folder that cannot be read: said when the folder is opened
+            return None
+    return None
 
 
 def finite_seconds(ctx, param, value: float | None) -> float | None:
@@ -120,6 +134,9 @@ def open_store(root, set_aside: bool = True, warn_unreadable: bool = True):
     from ..store import Store, StoreError
 
     store = Store(root, set_aside=set_aside, warn_unreadable=warn_unreadable)
+    blocked = _file_above(store.root)
+    if blocked is not None:
+        fail(f"{store.root}: {blocked} is a file, not a folder")
     try:
         store.check()
     except StoreError as e:
