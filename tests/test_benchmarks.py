@@ -48,8 +48,8 @@ def test_train_throughput_runs_on_a_tiny_config(tmp_path, capsys):
     text = out.read_text()
     lines = [line for line in text.splitlines() if line.startswith("| official-tf32") or line.startswith("| plain")]
     assert len(lines) == 2 and "DiT-T/8, training step, batch 2" in text
-    img_per_s = float(lines[1].split("|")[4])
-    assert img_per_s > 0
+    for row in md_rows(out):  # a batch of 2 per timed step: the two columns agree (to the 3 digits shown)
+        assert float(row["img_per_s"]) == pytest.approx(2 / (float(row["step_ms"]) / 1000), rel=0.01), row
 
 
 def test_kernels_are_grouped_by_the_work_they_do():
@@ -141,6 +141,20 @@ def test_mfu_of_a_bf16_network_is_read_against_the_bf16_peak():
     assert rows[0]["mfu"] == pytest.approx(1e11 * 10.0 / 2e12)
 
 
+def processes_with_env(entry: str) -> list[str]:
+    """The ids of the running processes whose environment holds ``entry`` (``NAME=value``):
+    those that one test started, whoever else runs on the machine."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile, or another user's
+            continue
+        if entry.encode() in environ:
+            found.append(proc.name)
+    return found
+
+
 def md_rows(path) -> list[dict]:
     """The rows of a markdown table (tabulate's pipe or github format) as dicts of strings."""
     lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
@@ -150,7 +164,7 @@ def md_rows(path) -> list[dict]:
 
 def test_the_gpu_check_runs_on_a_cpu_for_tiny_configs(tmp_path):
     """benchmarks/gpu_check.sh --tiny: every section of the GPU check, on tiny models on this
-    CPU (about 2 minutes), so the script a GPU session runs once cannot rot unseen."""
+    CPU (about 2 minutes), so the script that runs once on a GPU machine cannot rot unseen."""
     import os
     import subprocess
 
@@ -258,8 +272,7 @@ def test_the_gpu_check_refuses_bad_settings_and_stops_on_ctrl_c(tmp_path):
     assert p.returncode == 130 and text.rstrip().endswith("interrupted"), text
     assert not (out / "timing_grid.log").exists()  # the next section did not start
     time.sleep(1)
-    ps = subprocess.run(["pgrep", "-f", "ablate.cli run /tmp/ablate-gpu-check"], capture_output=True, text=True)
-    assert ps.stdout == "", ps.stdout
+    assert processes_with_env(f"OUT={out}") == []  # none of this check's processes is left
     assert set(Path("/tmp").glob("ablate-gpu-check.*")) <= work_before  # its work folder removed
 
 

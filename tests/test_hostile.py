@@ -372,7 +372,7 @@ def test_store_files_honour_the_umask(tmp_path):
                      ("table.md", "0o644")}
 
 
-# ----- found by the review: a GPU grid's table on a CPU machine, fid --device, Ctrl-C -----
+# ----- a GPU grid's table on a CPU machine, fid --device, Ctrl-C -----
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_a_gpu_grids_committed_table_reads_on_a_machine_without_a_gpu():
     from conftest import REPO
