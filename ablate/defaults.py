@@ -5,9 +5,9 @@ A light module (no torch): the CLI reads it when it builds its options, the repo
 looks for sample grids.
 """
 
-WAIT_S = 300.0  # how long a runner waits for a measurement another process holds (`ablate run --wait`)
-SLURM_TIMEOUT_MIN = 60  # a SLURM task's time limit (`ablate run --launcher submitit --timeout`)
-SLURM_POLL_S = 1.0  # how often the submitting process reads the store for the tasks' progress
+WAIT_S = 300  # seconds: how long a runner waits for a measurement another process holds (`ablate run --wait`)
+SLURM_TIMEOUT_MIN = 60  # minutes: a SLURM task's time limit (`ablate run --launcher submitit --timeout`)
+SLURM_POLL_S = 1.0  # seconds: how often the submitting process reads the store for the tasks' progress
 
 # The grid of EMA samples that training saves at each evaluation, in its work folder; the step
 # zero-padded so that the names sort by step.
