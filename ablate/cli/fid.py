@@ -37,7 +37,7 @@ def fid_command(input1, input2, extractor, samples, image_size, batch_size, devi
     import torch
 
     from ..data import DatasetUnavailable
-    from ..quality.extractors import ExtractorUnavailable, default_extractor, get_extractor
+    from ..quality.extractors import EXTRACTORS, ExtractorUnavailable, default_extractor, get_extractor
     from ..quality.metrics import quality
     from ..quality.sources import MAX_IMAGE_SIZE, SourceError, dataset_name, names_folder, open_source
     from ..registry import UnknownName
@@ -58,6 +58,7 @@ def fid_command(input1, input2, extractor, samples, image_size, batch_size, devi
         size = image_size or next((s.images.shape[-1] for s in (first, second) if s is not None), None)
         dataset = next((dataset_name(x) for x in (input2, input1) if not names_folder(x)), None)
         name = default_extractor(dataset) if extractor == "auto" else extractor
+        EXTRACTORS.get(name)  # an unknown name is said before any image is read
         if dataset is not None and name == "domain" and size is not None:
             _check_domain_size(dataset, size, image_size is not None)
         first = first or open_source(input1, image_size=size, samples=samples, seed=0)
