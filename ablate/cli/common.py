@@ -62,13 +62,22 @@ def folder_option(ctx, param, value: str | None) -> str | None:
     be read as the current folder, and the file system's root is nobody's results folder."""
     if value is None:
         return None
+    option = param.opts[0]
     if not value.strip():
-        raise click.BadParameter("an empty path; name a folder", ctx, param)
+        fail(f"{option} {value!r}: an empty path; name a folder")
     if Path(value).resolve() == Path(Path(value).resolve().anchor):
-        raise click.BadParameter(f"{value!r} is the root of the file system; name a folder of its own", ctx, param)
+        fail(f"{option} {value}: the root of the file system; name a folder of its own")
     blocked = _file_above(Path(value))
     if blocked is not None:
-        raise click.BadParameter(f"{value!r}: {blocked} is a file, not a folder", ctx, param)
+        fail(f"{option} {value}: {blocked} is a file, not a folder")
+    return value
+
+
+def finite_seconds(ctx, param, value: float | None) -> float | None:
+    """A duration in seconds: a number >= 0 (``nan`` compares false with every bound, ``inf``
+    would wait forever)."""
+    if value is not None and (not math.isfinite(value) or value < 0):
+        fail(f"{param.opts[0]} {value:g}: not a number of seconds >= 0")
     return value
 
 
@@ -81,14 +90,6 @@ def _file_above(path: Path) -> Path | None:
         except OSError:  # a name too long, a folder that cannot be read: said when the folder is opened
             return None
     return None
-
-
-def finite_seconds(ctx, param, value: float | None) -> float | None:
-    """A duration in seconds: a number >= 0 (``nan`` compares false with every bound, ``inf``
-    would wait forever)."""
-    if value is not None and (not math.isfinite(value) or value < 0):
-        raise click.BadParameter(f"{value:g} is not a number of seconds >= 0", ctx, param)
-    return value
 
 
 def load(grid_arg: str | None):

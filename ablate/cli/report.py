@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail, folder_option, load, open_store, results_dir, unknown_grid
+from .common import fail, folder_option, load, open_store, results_dir
 
 
 @click.command()
@@ -26,6 +26,7 @@ def report(grid, results, out, progress):
     """
     from ..cell import cell_id
     from ..grid import find_grid, shipped_grids
+    from ..registry import did_you_mean
     from ..report import ReportError, write_report
 
     path = find_grid(grid)
@@ -34,7 +35,9 @@ def report(grid, results, out, progress):
     name = g.name if g else grid
     store = open_store(results_dir(results, name), set_aside=False)
     if g is None and not (store.root / "cells").is_dir():
-        unknown_grid(grid, sorted(shipped_grids()))
+        shipped = sorted(shipped_grids())
+        fail(f"{grid}: unknown grid: no such file, no experiments/{grid}.yaml and no results/{grid}/"
+             f"{did_you_mean(grid, shipped)}; shipped grids: {', '.join(shipped)}")
     if not (store.root / "cells").is_dir():
         how = f"ablate run {grid}" if grid else "ablate run"
         fail(f"{store.root}: no results here (run `{how}` first, or pass --results DIR)")
