@@ -393,11 +393,17 @@ def import_plugins(imports, folder: Path, shown: str) -> None:
                     raise ConfigError("imports", f"{item!r}: no such file", file=shown)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
-                spec.loader.exec_module(module)
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:  # half imported: the next grid naming it must import it again
+                    sys.modules.pop(name, None)
+                    raise
             else:
                 importlib.import_module(item)
         except ConfigError:
             raise
+        except KeyboardInterrupt:
+            raise ConfigError("imports", f"{item!r} raised KeyboardInterrupt while being imported", file=shown) from None
         except SystemExit as e:  # a script's sys.exit() at import time would end ablate silently
             raise ConfigError("imports", f"{item!r} called sys.exit({e.code!r}) while being imported",
                               file=shown) from None

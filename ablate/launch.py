@@ -22,66 +22,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cell import cell_id, device_dependent, resolve_device
+from .device import resolve_device
 from .grid import Grid
-from .runner import Step, cell_keys, describe
+from .results import failures, pending
+from .defaults import WAIT_S
+from .runner import CellMeasurement
 from .settings import ConfigError
 from .store import Store
 
 # A worker's stdout lines that start with this are for the parent, not the user.
 EVENT = "@ablate "
-
-
-# ---------------------------------------------------------------------------------
-# What is left to do
-# ---------------------------------------------------------------------------------
-def pending(grid: Grid, store: Store, retry_failed: bool = False, *,
-            here: bool = True) -> list[tuple[dict, list[str]]]:
-    """The grid's cells with something left to measure, and what: each measurement without
-    a result (or a failed one, with ``retry_failed``).
-
-    ``here=False``: the cells run on other machines (a SLURM login node asks for its compute
-    nodes), so a measurement whose key names the device (timing) is looked up under the key
-    the cell's last runner stored; a cell never run there has none and is pending."""
-    stored = {} if here else {c["id"]: c for c in store.cells()}
-    out = []
-    for config in grid.cells:
-        record = stored.get(cell_id(config), {}).get("measurements", {})
-        left = []
-        for name, key in cell_keys(config).items():
-            if not here and device_dependent(name):
-                key = record.get(name)
-            res = store.result(key) if key else None
-            if res is None or (retry_failed and res.get("status") == "failed"):
-                left.append(name)
-        if left:
-            out.append((config, left))
-    return out
-
-
-def stored_cells(grid: Grid, store: Store) -> list[dict]:
-    """The grid's cell records as their runners stored them (with the keys they resolved,
-    a timing's naming their device), reduced to the measurements this grid asks for, in the
-    grid's order."""
-    stored = {c["id"]: c for c in store.cells()}
-    out = []
-    for index, config in enumerate(grid.cells):
-        record = stored.get(cell_id(config))
-        if record is not None:
-            keys = {n: k for n, k in record["measurements"].items() if n in config["measure"]}
-            out.append({**record, "index": index, "config": config, "measurements": keys})
-    return out
-
-
-def failures(grid: Grid, store: Store) -> list[tuple[str, str, str]]:
-    """(cell, measurement, error) of every failed measurement of the grid, from the store."""
-    out = []
-    for record in stored_cells(grid, store):
-        for name, key in record["measurements"].items():
-            res = store.result(key)
-            if res is not None and res.get("status") == "failed":
-                out.append((describe(record["config"], grid.axes), name, res.get("error", "")))
-    return out
 
 
 # ---------------------------------------------------------------------------------
@@ -164,7 +114,7 @@ class JobsSummary:
 
 
 def run_jobs(grid: Grid, results: Path, jobs: int, *, jobs_per_gpu: int = 1, retry_failed: bool = False,
-             progress: bool = True, wait_s: float = 300.0, out=None) -> JobsSummary:
+             progress: bool = True, wait_s: float = WAIT_S, out=None) -> JobsSummary:
     """Run ``jobs`` ``ablate run --worker i/jobs`` processes on the grid's results folder and
     show what each measures; Ctrl-C (or SIGTERM) stops them all and keeps what is done."""
     import torch
@@ -273,7 +223,10 @@ def _stop(workers: list[Worker], grace_s: float = 15.0) -> None:
 
 def _die_with_parent() -> None:
     """In the worker, before exec: SIGTERM when the parent dies, however it dies, so that
-    no orphan keeps measuring after a kill -9 of ``ablate run --jobs``."""
+    no orphan keeps measuring after a kill -9 of ``ablate run --jobs``; and SIGINT as by
+    default, so that a parent started with SIGINT ignored (``nohup``, ``&`` in a script)
+    still stops its workers at once: Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         import ctypes
 
@@ -324,14 +277,14 @@ class _View:
             self.main.close()
 
 
-def worker_report(i: int):
-    """The ``report`` a worker's runner calls: one event line per start and end on stdout."""
+def worker_events(i: int):
+    """The ``on_event`` a worker's runner calls: one event line per start and end on stdout."""
 
-    def report(event: str, step: Step) -> None:
-        print(EVENT + json.dumps({"worker": i, "event": event, "cell": step.label, "measure": step.name}),
+    def on_event(event: str, task: CellMeasurement) -> None:
+        print(EVENT + json.dumps({"worker": i, "event": event, "cell": task.label, "measure": task.name}),
               flush=True)
 
-    return report
+    return on_event
 
 
 def worker_summary(summary) -> None:

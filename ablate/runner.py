@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cell import Cell, Needed, cell_id, label, measurement_key
+from .defaults import WAIT_S
 from .env import environment
 from .grid import Grid
 from .measure import MEASURES, Measurement
@@ -40,8 +41,8 @@ class Summary:
 
 
 @dataclass
-class Step:
-    """One measurement of one cell."""
+class CellMeasurement:
+    """One measurement of one cell: what a runner claims, measures and stores."""
 
     config: dict
     cell_id: str
@@ -93,9 +94,6 @@ def _store_error(err: OSError) -> str:
     return f"cannot write the results folder{where}: {err.strerror or err}"
 
 
-DEFAULT_WAIT_S = 300.0  # how long a runner waits for what another process holds
-
-
 def run_here(m: Measurement, cell: Cell, progress: bool) -> dict:
     """Measure in this process: the default ``execute`` (under torchrun,
     ``ablate.torchrun.execute`` runs a distributed measurement on every rank)."""
@@ -108,8 +106,8 @@ class StopsRun(RuntimeError):
 
 
 def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: bool = True,
-             wait_s: float = DEFAULT_WAIT_S, worker: tuple[int, int] = (0, 1),
-             report: Callable[[str, Step], None] | None = None, only: set[str] | None = None,
+             wait_s: float = WAIT_S, worker: tuple[int, int] = (0, 1),
+             on_event: Callable[[str, CellMeasurement], None] | None = None, only: set[str] | None = None,
              execute: Callable[[Measurement, Cell, bool], dict] = run_here) -> Summary:
     """Measure what is left of ``grid``; then wait up to ``wait_s`` seconds for what other
     processes hold (measuring what they leave undone); what is still held is ``busy``.
@@ -119,7 +117,7 @@ def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: 
     different cells and the claims keep them apart. ``only``: just these cell ids.
     ``execute(measurement, cell, progress)``: how a measurement runs (``run_here``, or over
     the ranks of a torchrun launch: ``ablate.torchrun.execute``)."""
-    runner = Runner(store, retry_failed=retry_failed, progress=progress, report=report, execute=execute)
+    runner = Runner(store, retry_failed=retry_failed, progress=progress, on_event=on_event, execute=execute)
     cells = []
     for index, config in enumerate(grid.cells):
         cid, keys = cell_id(config), cell_keys(config)
@@ -138,7 +136,7 @@ def run_grid(grid: Grid, store: Store, *, retry_failed: bool = False, progress: 
     for config, cid, keys in bar:
         bar.set_postfix_str(describe(config, grid.axes))
         for name in config["measure"]:
-            step = Step(config, cid, keys, name, grid.axes)
+            step = CellMeasurement(config, cid, keys, name, grid.axes)
             if not runner.measure(step):
                 held.append(step)
     bar.close()
@@ -156,15 +154,15 @@ class Runner:
     """Measures steps into a store: skips what is done, claims what is not, records the rest."""
 
     def __init__(self, store: Store, *, retry_failed: bool = False, progress: bool = True,
-                 report: Callable[[str, Step], None] | None = None,
+                 on_event: Callable[[str, CellMeasurement], None] | None = None,
                  execute: Callable[[Measurement, Cell, bool], dict] = run_here):
         self.store, self.retry_failed, self.progress, self.execute = store, retry_failed, progress, execute
-        self.report = report or (lambda event, step: None)  # ("start" | "ok" | "failed", step)
+        self.on_event = on_event or (lambda event, step: None)  # ("start" | "ok" | "failed", step)
         self.started = now()
         self.summary = Summary()
         self.stopped: str | None = None  # why a measurement ended the run (StopsRun)
 
-    def measure(self, step: Step, wait_s: float = 0.0) -> bool:
+    def measure(self, step: CellMeasurement, wait_s: float = 0.0) -> bool:
         """Measure the step unless it is done; False if another process holds it (or a
         prerequisite) after ``wait_s`` seconds. A results folder that cannot be written
         fails the step in one line."""
@@ -174,7 +172,7 @@ class Runner:
             self.summary.failed.append((step.label, step.name, _store_error(err)))
             return True
 
-    def _measure(self, step: Step, wait_s: float) -> bool:
+    def _measure(self, step: CellMeasurement, wait_s: float) -> bool:
         if self._reuse(step):
             return True
         deadline = time.monotonic() + wait_s
@@ -190,7 +188,7 @@ class Runner:
             found = self._prerequisites(step)
             if found is None:
                 return False
-            self.report("start", step)
+            self.on_event("start", step)
             record = self._run(step, *found)
             try:
                 self.store.save_result(step.key, record)
@@ -198,7 +196,7 @@ class Runner:
                 self.summary.failed.append((step.label, step.name,
                                             f"{record.get('error') or 'measured'}; not recorded: {_store_error(err)}"))
                 return True
-            self.report(record["status"], step)
+            self.on_event(record["status"], step)
             if self.stopped:
                 raise RunStopped(f"{step.label}: {step.name}: {self.stopped}")
             if record["status"] == "ok":
@@ -207,7 +205,7 @@ class Runner:
                 self.summary.failed.append((step.label, step.name, record["error"]))
             return True
 
-    def _reuse(self, step: Step) -> bool:
+    def _reuse(self, step: CellMeasurement) -> bool:
         """Whether the step's stored result stands: ok, or failed and not to be retried, or
         retried by another runner since this one started. Counts it if so."""
         res = self.store.result(step.key)
@@ -219,7 +217,7 @@ class Runner:
             self.summary.failed.append((step.label, step.name, res.get("error", "")))
         return True
 
-    def _prerequisites(self, step: Step) -> tuple[dict[str, Needed], list[str]] | None:
+    def _prerequisites(self, step: CellMeasurement) -> tuple[dict[str, Needed], list[str]] | None:
         """The results of the measurements the step needs, and those that failed; None if
         one has no result because another runner holds it (``run_grid`` comes back to it)."""
         needed, failed = {}, []
@@ -234,7 +232,7 @@ class Runner:
                 needed[dep] = Needed(res["metrics"], self.store.workdir(key), self.store.result_path(key))
         return needed, failed
 
-    def _watch(self, step: Step) -> Target:
+    def _watch(self, step: CellMeasurement) -> Target:
         """Where the step's live values go: the cell's TensorBoard folder (by its label) and
         W&B run (one per trained cell, grouped by the results folder's name, the grid's by
         default), its settings as hyperparameters with its cost where flops is measured."""
@@ -245,7 +243,7 @@ class Runner:
         return Target(self.store.root, step.label, step.keys.get("train", step.key), self.store.root.resolve().name,
                       hparams, backends(), self.store.workdir(step.key))
 
-    def _run(self, step: Step, needed: dict[str, Needed], failed: list[str]) -> dict:
+    def _run(self, step: CellMeasurement, needed: dict[str, Needed], failed: list[str]) -> dict:
         """Measure the step; its record, ok or failed."""
         m = MEASURES.get(step.name)
         cell = Cell(step.config, self.store.workdir(step.key), needed)
@@ -282,7 +280,7 @@ class MetricNameClash(ValueError):
     """A metric named like a setting column or like another measurement's metric in the cell."""
 
 
-def _check_metrics(metrics: dict, step: Step, store: Store) -> None:
+def _check_metrics(metrics: dict, step: CellMeasurement, store: Store) -> None:
     """Refuse a non-finite metric, or one whose name another column of the cell's row has
     (the table would show one value for two things)."""
     for k, v in metrics.items():

@@ -23,9 +23,10 @@ from pathlib import Path
 import submitit
 
 from .cell import cell_id
+from .defaults import SLURM_POLL_S, SLURM_TIMEOUT_MIN, WAIT_S
 from .grid import Grid, load_grid
-from .launch import failures, pending
-from .runner import DEFAULT_WAIT_S, Runner, Step, cell_keys, describe
+from .results import failures, pending
+from .runner import describe, run_grid
 from .store import Store
 
 
@@ -37,19 +38,12 @@ class CellTask(submitit.helpers.Checkpointable):
         if ranks > 1:
             return _torchrun(grid_path, results, cell, retry_failed, ranks)
         grid = load_grid(grid_path)  # imports the grid's plugins in this process too
-        index = next((i for i, c in enumerate(grid.cells) if cell_id(c) == cell), None)
-        if index is None:
+        config = next((c for c in grid.cells if cell_id(c) == cell), None)
+        if config is None:
             raise RuntimeError(f"{grid_path} has no cell {cell} any more (the file changed after submission)")
-        config = grid.cells[index]
-        store = Store(results)
-        keys = cell_keys(config)  # resolved on this node: a timing's key names its GPU
-        store.save_cell(cell, config, keys, index, grid=grid.name)
-        runner = Runner(store, retry_failed=retry_failed, progress=False)
-        for name in config["measure"]:
-            step = Step(config, cell, keys, name, grid.axes)
-            if not runner.measure(step, wait_s=DEFAULT_WAIT_S):  # another runner holds it
-                runner.summary.busy.append((step.label, step.name))
-        s = runner.summary
+        # The runner of `ablate run`, on this one cell: its keys resolved on this node (a
+        # timing's names its GPU), what another process holds waited for as there.
+        s = run_grid(grid, Store(results), retry_failed=retry_failed, progress=False, only={cell})
         print(f"{describe(config, grid.axes)}: {s.measured} measured, {s.reused} reused, {len(s.failed)} failed, "
               f"{len(s.busy)} held by another process", flush=True)
         return {"measured": s.measured, "reused": s.reused, "failed": s.failed, "busy": s.busy}
@@ -62,7 +56,7 @@ def _torchrun(grid_path: str, results: str, cell: str, retry_failed: bool, ranks
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            "-m", "ablate", "run", grid_path, "--results", results, "--cell", cell, "--no-progress",
-           "--wait", str(DEFAULT_WAIT_S), *(["--retry-failed"] if retry_failed else [])]
+           "--wait", str(WAIT_S), *(["--retry-failed"] if retry_failed else [])]
     print(" ".join(cmd), flush=True)
     proc = subprocess.run(cmd)  # its output goes to the task's log
     if proc.returncode not in (0, 1):  # 1: a measurement failed, and is recorded in the store
@@ -84,7 +78,7 @@ def default_cluster() -> str:
 
 def submit(grid: Grid, results: Path, *, cluster: str | None = None, partition: str | None = None,
            gpus_per_node: int = 1, cpus_per_task: int | None = None, mem_gb: float | None = None,
-           timeout_min: int = 60, array_parallelism: int | None = None, retry_failed: bool = False,
+           timeout_min: int = SLURM_TIMEOUT_MIN, array_parallelism: int | None = None, retry_failed: bool = False,
            ranks_per_task: int | None = None) -> Submitted:
     """Submit one array task per cell with something pending; returns the jobs.
 
@@ -118,7 +112,8 @@ def submit(grid: Grid, results: Path, *, cluster: str | None = None, partition: 
     return out
 
 
-def wait(grid: Grid, results: Path, submitted: Submitted, progress: bool = True, poll_s: float = 1.0) -> list[str]:
+def wait(grid: Grid, results: Path, submitted: Submitted, progress: bool = True,
+         poll_s: float = SLURM_POLL_S) -> list[str]:
     """Wait for the tasks, showing the grid's measurements done (from the store); returns a
     line for each task that ended without finishing its cell (killed, out of time, crashed)."""
     from tqdm.auto import tqdm

@@ -153,18 +153,18 @@ def merge_cells(old: dict | None, new: dict) -> dict:
 
 
 class Store:
-    def __init__(self, root: str | Path, *, set_aside: bool = True, warn: bool = True):
+    def __init__(self, root: str | Path, *, set_aside: bool = True, warn_unreadable: bool = True):
         self.root = Path(root)
-        # Rename unreadable records to *.corrupt (run); only warn of them (table, report, a dry
-        # run), or not even that (warn=False: a torchrun follower's look, rank 0 warns).
-        self.set_aside, self.warn = set_aside, warn
+        # Rename unreadable records to *.corrupt (run); only warn of them (table, dry run), or
+        # not even that (warn_unreadable=False: a torchrun follower's look, rank 0 warns).
+        self.set_aside, self.warn_unreadable = set_aside, warn_unreadable
         self._reported: set[Path] = set()
         self._swept = False
         files.own(self.root)
 
     def read_only(self) -> "Store":
         """The same folder, read without setting anything aside (``table``, ``report``)."""
-        return Store(self.root, set_aside=False, warn=self.warn)
+        return Store(self.root, set_aside=False, warn_unreadable=self.warn_unreadable)
 
     def check(self) -> None:
         """Refuse a results folder that is a file or holds a symbolic link among what the
@@ -219,7 +219,7 @@ class Store:
             return
         self._reported.add(path)
         if not self.set_aside:
-            if self.warn:
+            if self.warn_unreadable:
                 warn(f"{path}: unreadable ({problem}); counted as missing (`ablate run` keeps it aside and {what})")
             return
         try:

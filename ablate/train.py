@@ -28,6 +28,7 @@ from .checkpoint import (CHECKPOINT, EMA_SNAPSHOT, load_or_set_aside, rng_state,
 from .files import make_folder, remove_stale_temps
 from .collective import all_gather, leader_only, mean, world as current_world
 from .diffusion import LOSSES, create_diffusion
+from .defaults import SAMPLE_GRID
 from .precision import PRECISIONS as ALL_PRECISIONS
 from .precision import synchronize
 from .sampling import SamplingOptions, sample_images, save_grid
@@ -302,12 +303,13 @@ class Trainer:
         return samples
 
     def _record_evaluation(self, step: int, samples: torch.Tensor, train_wall: float) -> None:
-        save_grid(samples, self.workdir / f"samples_step{step:07d}.png")
+        grid = self.workdir / SAMPLE_GRID.format(step=step)
+        save_grid(samples, grid)
         metrics = self.evaluate(self.ema, samples, step) if self.evaluate is not None else {}
         self.evals.append({"step": step, "train_loss": self.last_loss, "train_wall_s": train_wall,
                            **{k: _plain(v) for k, v in metrics.items()}})
         if self.watch is not None:
-            self.watch.evaluation(self.evals[-1], self.workdir / f"samples_step{step:07d}.png")
+            self.watch.evaluation(self.evals[-1], grid)
 
     def _checkpoint(self, step: int, train_wall: float, window_loss: torch.Tensor) -> None:
         """``window_loss``: the log window's loss sum so far, averaged over the ranks (each

@@ -351,33 +351,77 @@ def table(rows: list[dict], flop_per_img: float, peaks: dict, base: str, train: 
     return tabulate(out, headers="keys", floatfmt=".3g", tablefmt="github")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="DiT-S/2")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--input-size", type=int, default=32)
-    ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+class _OneLineParser(argparse.ArgumentParser):
+    """Every mistake in the arguments as one ``error:`` line and exit code 2, as the ``ablate`` command does."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> _OneLineParser:
+    ap = _OneLineParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="DiT-S/2", help="the model, DiT-<size>/<patch size> (`ablate ls models`)")
+    ap.add_argument("--batch", type=int, default=256, help="images per training step")
+    ap.add_argument("--input-size", type=int, default=32, help="latent side in pixels; a multiple of the patch size")
+    ap.add_argument("--num-classes", type=int, default=1000, help="class labels of the model")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per row")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per row (the first compiles)")
-    ap.add_argument("--rows", default=None, help=f"training rows (default {','.join(DEFAULT_TRAIN_ROWS)}): "
-                                                f"{', '.join(TRAIN_ROWS)}")
+    ap.add_argument("--rows", default=None, help=f"training rows, comma-separated (default "
+                                                f"{','.join(DEFAULT_TRAIN_ROWS)}): {', '.join(TRAIN_ROWS)}")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                    help="what compile: auto means for the default rows")
+                    help="torch.compile the model: true, false, or auto (as each row's default)")
     ap.add_argument("--sample", action="store_true", help="the sampling table instead of the training table")
-    ap.add_argument("--sample-rows", default=None, help=f"with --sample, sampling rows (default "
+    ap.add_argument("--sample-rows", default=None, help=f"with --sample, sampling rows, comma-separated (default "
                                                        f"{','.join(DEFAULT_SAMPLE_ROWS)}): {', '.join(SAMPLE_ROWS)}")
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--sample-steps", type=int, default=50)
-    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--images", type=int, default=64, help="with --sample, images sampled per row")
+    ap.add_argument("--sample-steps", type=int, default=50, help="with --sample, denoising steps per image")
+    ap.add_argument("--cfg", type=float, default=1.5, help="with --sample, classifier-free guidance scale")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="profile this many more steps of each row (torch.profiler; with --sample: a sample of "
                          "this many denoising steps) and add where the time goes")
     ap.add_argument("--profile-top", type=int, default=15, help="kernels listed per profiled row")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    return ap
+
+
+def _check_target(ap, args) -> torch.device:
+    """The model, input size, device and --out, checked before anything is built or measured."""
+    from ablate.models import parse_model_name
+    from ablate.registry import UnknownName
+
+    try:
+        _, patch = parse_model_name(args.model)
+    except UnknownName as e:
+        ap.error(f"--model: {e}")
+    if args.input_size < patch or args.input_size % patch:
+        ap.error(f"--input-size {args.input_size}: must be a multiple of {args.model}'s patch size {patch}")
+    if args.num_classes < 1:
+        ap.error(f"--num-classes {args.num_classes}: must be >= 1")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        ap.error(f"--device {args.device!r}: not cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            ap.error(f"--device {args.device!r}: this machine has {count} CUDA device{'s' * (count != 1)}")
+    if args.out is not None:
+        parent = Path(args.out).parent
+        if not parent.is_dir() or Path(args.out).is_dir():
+            ap.error(f"--out {args.out}: {'is a folder' if Path(args.out).is_dir() else f'{parent} is not a folder'}")
+    return device
+
+
+def main(argv=None) -> None:
+    ap = _parser()
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
-    device = torch.device(args.device)
+    device = _check_target(ap, args)
     auto_precision = resolve_precision(device, "auto")
     if args.sample and args.rows is not None:
         ap.error("--rows names training rows; with --sample use --sample-rows")

@@ -372,7 +372,7 @@ def test_store_files_honour_the_umask(tmp_path):
                      ("table.md", "0o644")}
 
 
-# ----- found by the review: a GPU grid's table on a CPU machine, fid --device, Ctrl-C -----
+# ----- a GPU grid's table on a CPU machine, fid --device, Ctrl-C -----
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_a_gpu_grids_committed_table_reads_on_a_machine_without_a_gpu():
     from conftest import REPO
@@ -415,3 +415,106 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "run again to resume" in err and "Traceback" not in err
+
+
+# ----- ablate fid: devices, sizes and counts checked first, every image read faithfully or refused -----
+def write_images(folder, n: int, size: int, mode: str = "L", value: int = 128):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.new(mode, (size, size), value + i if mode == "L" else value).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu:5", "cudafoo", "cuda:x", "cuda:99"])
+def test_fid_refuses_a_device_it_would_replace_or_fail_on_later(tmp_path, device):
+    one_error_line(run_cli("fid", "digits", "digits", "-n", "10", "--device", device, cwd=tmp_path), "--device")
+
+
+def test_fid_checks_sizes_and_counts_before_reading_or_training(tmp_path):
+    one_error_line(run_cli("fid", "digits", "digits", "--image-size", "100000", cwd=tmp_path),
+                   "--image-size: 100000 px; at most 1024")
+    few = write_images(tmp_path / "few", 3, 8)
+    one_error_line(run_cli("fid", few, "digits", "-n", "5", cwd=tmp_path),
+                   "--samples 5, but the folder holds 3 images")
+    one_error_line(run_cli("fid", "digits", "digits", "-n", "100000", cwd=tmp_path),
+                   "--samples 100000, but the dataset holds 1797 images")
+    one_error_line(run_cli("fid", write_images(tmp_path / "one", 1, 8), "digits", cwd=tmp_path), "at least 2 images")
+    # Sample mosaics: a domain extractor would be trained at 300 px; refused at once, with the reason
+    mosaics = write_images(tmp_path / "mosaics", 3, 300)
+    r = one_error_line(run_cli("fid", mosaics, "digits", cwd=tmp_path, timeout=60),
+                       "the folder's images are 300x300", "digits is made at 32x32", "mosaic")
+    assert "--extractor inception" in r
+    one_error_line(run_cli("fid", "digits", "digits", cwd=tmp_path), "the same 1797 images", "FID is 0")
+
+
+def test_fid_refuses_unreadable_and_oversized_images(tmp_path):
+    from PIL import Image
+
+    bad = write_images(tmp_path / "bad", 2, 8)
+    (bad / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    one_error_line(run_cli("fid", bad, "digits", cwd=tmp_path), "002.png: not a readable image")
+    # A header claiming more pixels than PIL's limit, though the file is small (a decompression bomb)
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    Image.new("1", (10000, 10000)).save(bomb / "000.png")
+    Image.new("1", (10000, 10000)).save(bomb / "001.png")
+    assert (bomb / "000.png").stat().st_size < 100_000
+    # 100 Mpixel: refused from its header, never decoded
+    one_error_line(run_cli("fid", bomb, "digits", cwd=tmp_path), "000.png: refused", "decompression bomb")
+
+
+def test_folders_refuse_decompression_bombs_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ablate.quality.sources import SourceError, from_folder
+
+    write_images(tmp_path / "big", 2, 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a warning above this, an error above twice it
+    with pytest.raises(SourceError, match="000.png: refused: .*decompression bomb"):
+        from_folder(tmp_path / "big")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 pixels: only PIL's warning, made an error
+    with pytest.raises(SourceError, match="000.png: refused"):
+        from_folder(tmp_path / "big")
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ablate.quality.sources import from_folder
+
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for i, v in enumerate((0, 257 * 64, 257 * 128, 65535)):
+        Image.fromarray(np.full((4, 4), v, dtype=np.uint16)).save(folder / f"{i}.png")
+    with Image.open(folder / "1.png") as im:
+        assert im.mode.startswith("I")  # read back as 16-bit (or 32-bit) grey, not 8-bit
+    src = from_folder(folder)
+    assert src.images.dtype == torch.uint8 and tuple(src.images.shape) == (4, 3, 4, 4)
+    assert src.images[:, :, 0, 0].tolist() == [[0] * 3, [64] * 3, [128] * 3, [255] * 3]
+    write_images(tmp_path / "rgb", 1, 4, mode="RGB", value=(10, 20, 30))
+    assert from_folder(tmp_path / "rgb").images[0, :, 0, 0].tolist() == [10, 20, 30]  # 8-bit RGB unchanged
+
+
+# ----- what the quick grid writes stays out of git -----
+def test_the_quick_grids_outputs_are_ignored_by_git():
+    import subprocess
+
+    from conftest import REPO
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = ["results/quick/table.csv", "results/quick/table.md", "results/quick/cells/0123.json",
+               "results/quick/measurements/flops-0123456789ab.json", "results/quick/work/train-0123/samples_step0000010.png",
+               "reports/quick/report.md", "reports/quick/report.html", "reports/quick/samples/x.png"]
+    r = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=REPO, capture_output=True, text=True)
+    assert r.stdout.split() == written, r.stdout
+    tracked = subprocess.run(["git", "ls-files", "results/quick", "reports/quick"], cwd=REPO, capture_output=True,
+                             text=True)
+    assert tracked.stdout == ""
+    # the committed grids' results and reports stay tracked
+    r = subprocess.run(["git", "check-ignore", "--no-index", "results/block-ablation/table.csv",
+                        "reports/block-ablation/report.md"], cwd=REPO, capture_output=True, text=True)
+    assert r.stdout == ""

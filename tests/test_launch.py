@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ablate.grid import load_grid
-from ablate.launch import pending, plan
+from ablate.launch import plan
+from ablate.results import pending
 from ablate.settings import ConfigError
 from ablate.cell import cell_id as _id
 from ablate.store import Store
@@ -89,6 +90,25 @@ def test_ctrl_c_stops_every_worker_and_a_rerun_finishes_the_rest_once(tmp_path):
     done = [cid for kind, cid, _ in events(log) if kind == "done"]
     assert len(done) == 4 and len(set(done)) == 4  # what was done before was not redone
     assert f"{4 - len(first)} measured by 2 workers" in out
+
+
+def test_workers_stop_at_once_when_started_with_sigint_ignored(tmp_path):
+    """A parent started under an ignored SIGINT (``nohup``, ``&`` in a script) passes it to its
+    workers, which Python then leaves ignored: they must still stop on the parent's signal
+    within moments, not at the grace period's SIGKILL."""
+    grid = probe_grid(tmp_path, "{seed: [0, 1]}", "{sleep_s: 60.0}")
+    results, log = tmp_path / "results", tmp_path / "log"
+    proc = start(grid, results, log, "--jobs", "2", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 180
+    while sum(e[0] == "start" for e in events(log)) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)  # the parent's stop: it sends SIGINT to each worker
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in out, err
+    assert time.time() - t0 < 8  # the grace period before SIGKILL is 15 s
+    assert not [e for e in events(log) if e[0] == "done"]
 
 
 def gpu_grid(tmp_path, device="cuda"):

@@ -79,25 +79,69 @@ def from_dataset(cfg: dict, n: int | None = None, seed: int = 0) -> ImageSource:
     return ImageSource(to_uint8(data.images), label, cache)
 
 
+MAX_IMAGE_SIZE = 1024  # px: beyond this no extractor here sees more, and a set of them may not fit in memory
+
+
 def from_folder(path: str | Path) -> ImageSource:
-    """Every image file directly in ``path`` (sorted by name), as RGB; all must be one size."""
+    """Every image file directly in ``path`` (sorted by name), as 8-bit RGB; all must be one
+    size. Sizes are read from the headers first, so a wrong folder is refused before any
+    image is decoded; 16-bit images are scaled to 8 bits, not clipped."""
+    import warnings
+
     from PIL import Image
 
     path = Path(path)
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise SourceError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    images, size = [], None
-    for f in files:
-        with Image.open(f) as im:
-            a = np.asarray(im.convert("RGB"))
-        if size is None:
-            size = a.shape
-        elif a.shape != size:
-            raise SourceError(f"{f}: {a.shape[1]}x{a.shape[0]}, but {files[0].name} is {size[1]}x{size[0]}; "
-                              "resize the images to one size first")
-        images.append(torch.from_numpy(a.copy()).permute(2, 0, 1))
-    return ImageSource(torch.stack(images), f"{path} {size[1]}x{size[0]} n={len(files)}")
+    with warnings.catch_warnings():
+        # An image whose header claims more pixels than PIL's limit (a decompression bomb) is refused, not decoded.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        sizes = [_open(f, lambda im: im.size) for f in files]
+        for f, (w, h) in zip(files, sizes):
+            if (w, h) != sizes[0]:
+                raise SourceError(f"{f}: {w}x{h}, but {files[0].name} is {sizes[0][0]}x{sizes[0][1]}; "
+                                  "resize the images to one size first")
+        w, h = sizes[0]
+        if max(w, h) > MAX_IMAGE_SIZE:
+            raise SourceError(f"{files[0]}: {w}x{h} images; at most {MAX_IMAGE_SIZE} px a side are compared")
+        images = [torch.from_numpy(_open(f, _rgb8)).permute(2, 0, 1) for f in files]
+    return ImageSource(torch.stack(images), f"{path} {w}x{h} n={len(files)}")
+
+
+def _open(file: Path, read):
+    """``read(image)`` of one image file; a file that is no readable image is one line."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return read(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SourceError(f"{file}: refused: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise SourceError(f"{file}: not a readable image ({' '.join(str(e).split()) or type(e).__name__})") from None
+
+
+def _rgb8(im) -> np.ndarray:
+    """(H, W, 3) uint8. PIL's own conversion of 16- and 32-bit gray clips at 255 (nearly
+    every pixel white): scale their range down instead."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else float(2**32 - 1)
+        a = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB")).copy()
+
+
+def native_size(name: str) -> int | None:
+    """The image size a registered dataset is loaded at by default (its loader's), if it has one."""
+    import inspect
+
+    from ..data import DATASETS
+
+    default = inspect.signature(DATASETS.get(name)).parameters.get("image_size")
+    value = default.default if default is not None else None
+    return value if isinstance(value, int) else None
 
 
 # Datasets that a name alone cannot give as an input of `ablate fid`, and why.
@@ -137,6 +181,8 @@ def open_source(text: str, *, image_size: int | None = None, samples: int | None
 
     if names_folder(text):
         src = from_folder(text)
+        if samples is not None and samples > len(src):
+            raise SourceError(f"{text}: --samples {samples}, but the folder holds {len(src)} images")
         if samples is not None and samples < len(src):
             keep = torch.randperm(len(src), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
             src = ImageSource(src.images[keep], src.label.rsplit(" n=", 1)[0] + f" n={samples}")
@@ -149,7 +195,10 @@ def open_source(text: str, *, image_size: int | None = None, samples: int | None
         raise SourceError(NOT_BY_NAME[name])
     if name in DATASETS:
         cfg = {"name": name} if image_size is None else {"name": name, "image_size": image_size}
-        return from_dataset(cfg, samples, seed)
+        src = from_dataset(cfg, samples, seed)
+        if samples is not None and samples > len(src):
+            raise SourceError(f"{text}: --samples {samples}, but the dataset holds {len(src)} images")
+        return src
     from ..registry import did_you_mean
 
     named = [d for d in DATASETS.names() if d not in NOT_BY_NAME]

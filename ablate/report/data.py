@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..defaults import SAMPLE_GRIDS
 from ..reference import paper_row
 from ..store import Store, flatten
 
@@ -68,7 +69,7 @@ def read_cells(store: Store, cell_ids: set[str] | None = None) -> list[CellResul
             for k, v in res.get("env", {}).items():
                 cell.env.setdefault(k, v)
             if name == "train":
-                grids = sorted(store.workdir(key).glob("samples_step*.png"))  # zero-padded steps
+                grids = sorted(store.workdir(key).glob(SAMPLE_GRIDS))  # zero-padded steps
                 cell.samples = grids[-1] if grids else None
         out.append(cell)
     return sorted(out, key=lambda c: (c.index, c.id))

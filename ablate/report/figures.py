@@ -21,6 +21,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
+from ..defaults import SAMPLE_GRIDS  # noqa: E402
 from .data import Results  # noqa: E402
 from .palette import block_order  # noqa: E402
 
@@ -307,7 +308,7 @@ def sample_step(path) -> int | None:
 def samples(r: Results):
     shown = shown_samples(r)
     if not shown:
-        return "left out: no `train` work folder has a sample grid (`samples_step*.png`; `train.eval_samples` > 0)"
+        return "left out: no `train` work folder has a sample grid (`" + SAMPLE_GRIDS + "`; `train.eval_samples` > 0)"
     variants = list(dict.fromkeys(v for v, _, _ in shown))
     blocks = block_order(b for _, b, _ in shown)
     by = {(v, b): c for v, b, c in shown}
