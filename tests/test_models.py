@@ -315,3 +315,17 @@ def test_unknown_choices_suggest_the_closest_name():
                            ("block", "adaln-singel", "adaln-single")):
         with pytest.raises(KeyError, match=f"unknown {key} '{bad}' \\(did you mean '{good}'\\?\\)"):
             tiny(**({"block": bad} if key == "block" else {key: bad}))
+
+
+def test_design_choices_lists_every_value_of_every_setting_defaults_first():
+    from ablate.models import design_choices
+    rows = design_choices()
+    values = {}
+    for setting, value, text in rows:
+        values.setdefault(setting, []).append(value)
+        assert text or value == "adaln-zero-nomlp", (setting, value)  # a test's block without a docstring
+    assert values["block"][:5] == ["adaln-zero", "adaln", "cross-attn", "in-context", "adaln-single"]  # then a test's
+    assert {**values, "block": values["block"][:5]} == {"block": ["adaln-zero", "adaln", "cross-attn", "in-context",
+                                                                  "adaln-single"],
+                      "norm": ["layernorm", "rmsnorm"], "mlp": ["gelu", "swiglu"], "pos_embed": ["sincos", "rope"],
+                      "qk_norm": ["false", "true"], "long_skips": ["false", "true"]}
