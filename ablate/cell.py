@@ -22,7 +22,8 @@ import torch
 from .data import build_dataset, check_dataset_config
 from .device import DEVICE_SETTINGS, device_identity, device_problem, resolve_device  # noqa: F401  (resolve_device: the CLI's)
 from .measure import MEASURES, Measurement
-from .models import DESIGN_CHOICES, SIZES, SWITCHES, dit_kwargs, model_name, parse_model_name
+from .models import (DESIGN_CHOICES, SIZES, SWITCHES, Layers, dit_kwargs, layers_problem, model_name,
+                     parse_model_name)
 from .registry import UnknownName, did_you_mean
 from .settings import ConfigError, added_later, added_later_fields, keyed, parse
 
@@ -78,6 +79,9 @@ class CellSettings:
         head_dim = SIZES.get(self.size).hidden_size // SIZES.get(self.size).num_heads
         if self.pos_embed == "rope" and head_dim % 4:
             raise ConfigError("pos_embed", f"rope needs a head dim divisible by 4; {self.model} has {head_dim}")
+        problem = layers_problem(self.block, Layers(self.norm, self.mlp, self.pos_embed, self.qk_norm))
+        if problem:
+            raise ConfigError("block", problem)
         try:
             self.data = check_dataset_config(self.data)
         except UnknownName as e:

@@ -303,3 +303,21 @@ def test_rope_on_a_size_whose_head_dim_is_not_a_multiple_of_four_is_one_line(tmp
     assert e.value.key == "base.pos_embed"
     assert len(load_grid(write(tmp_path, "base: {model: DiT-H6/4, data: {name: digits, image_size: 16}}",
                                "ok.yaml")).cells) == 1
+
+
+def test_a_plugin_block_without_layers_refuses_a_layer_choice_in_one_line(tmp_path):
+    (tmp_path / "oldblocks.py").write_text(textwrap.dedent("""
+        from ablate.models import register_block, BLOCKS
+        from ablate.models.blocks import AdaLNZeroBlock
+        if "old-block" not in BLOCKS:
+            @register_block("old-block")
+            class OldBlock(AdaLNZeroBlock):
+                def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+                    super().__init__(hidden_size, num_heads, mlp_ratio)
+        """))
+    base = "imports: [oldblocks.py]\nbase: {model: DiT-T/4, block: old-block, data: {name: digits, image_size: 16}"
+    assert len(load_grid(write(tmp_path, base + ", long_skips: true}", "ok.yaml")).cells) == 1
+    with pytest.raises(ConfigError, match=r"block 'old-block' builds its own layers .*, so it cannot take "
+                                          r"mlp: swiglu$") as e:
+        load_grid(write(tmp_path, base + ", mlp: swiglu}", "bad.yaml"))
+    assert e.value.key == "base.block"

@@ -329,3 +329,23 @@ def test_design_choices_lists_every_value_of_every_setting_defaults_first():
                                                                   "adaln-single"],
                       "norm": ["layernorm", "rmsnorm"], "mlp": ["gelu", "swiglu"], "pos_embed": ["sincos", "rope"],
                       "qk_norm": ["false", "true"], "long_skips": ["false", "true"]}
+
+
+def test_a_block_that_builds_its_own_layers_takes_dit_layers_only():
+    from ablate.models import BLOCKS
+    from ablate.models.blocks import modulate
+
+    if "own-layers" not in BLOCKS:
+        @register_block("own-layers")
+        class OwnLayers(AdaLNZeroBlock):  # a block written before the layer choices existed
+            def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+                super().__init__(hidden_size, num_heads, mlp_ratio)
+
+            def forward(self, x, c):
+                shift, scale, gate, *_ = self.adaLN_modulation(c).chunk(6, dim=1)
+                return x + gate.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift, scale))
+
+    assert tiny("own-layers", long_skips=True)(*inputs()).shape == (3, 8, 8, 8)  # skips are the model's, not the block's
+    with pytest.raises(ValueError, match=r"^block 'own-layers' builds its own layers \(its constructor takes no "
+                                         r"layers\), so it cannot take qk_norm: true$"):
+        tiny("own-layers", qk_norm=True)

@@ -1,6 +1,6 @@
 """DiT models: one model file, registries of conditioning blocks and of layer choices, a
 table of sizes."""
-from .blocks import BLOCKS, Block, naive_attention, register_block
+from .blocks import BLOCKS, Block, layers_problem, naive_attention, register_block
 from .configs import (MODELS, SIZES, Size, create_model, dit_kwargs, model_name, parse_model_name,
                       register_size)
 from .dit import DiT
@@ -25,6 +25,6 @@ def design_choices() -> list[tuple[str, str, str]]:
 
 
 __all__ = ["BLOCKS", "Block", "DESIGN_CHOICES", "DiT", "Layers", "MLPS", "MODELS", "NORMS", "POS_EMBEDS", "SIZES",
-           "SWITCHES", "Size", "create_model", "design_choices", "dit_kwargs", "model_name", "naive_attention",
-           "parse_model_name", "register_block", "register_mlp", "register_norm", "register_pos_embed",
-           "register_size"]
+           "SWITCHES", "Size", "create_model", "design_choices", "dit_kwargs", "layers_problem", "model_name",
+           "naive_attention", "parse_model_name", "register_block", "register_mlp", "register_norm",
+           "register_pos_embed", "register_size"]

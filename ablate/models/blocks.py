@@ -14,6 +14,8 @@ takes no ``layers`` is built with DiT's layers only.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -22,6 +24,25 @@ from .layers import DEFAULT_LAYERS, Attention, CrossAttention, Layers, Mlp, atte
 
 BLOCKS: Registry[type] = Registry("block")
 register_block = BLOCKS.register
+
+
+def takes_layers(block_cls: type) -> bool:
+    """Whether a block type builds its layers from ``Layers`` (every built-in does)."""
+    return "layers" in inspect.signature(block_cls).parameters
+
+
+def layers_problem(block: str, layers: Layers) -> str | None:
+    """Why ``block`` cannot be built with ``layers`` (one line naming the setting), or None."""
+    if takes_layers(BLOCKS.get(block)):
+        return None
+    for key, value, default in zip(("norm", "mlp", "pos_embed", "qk_norm"),
+                                   (layers.norm, layers.mlp, layers.pos_embed, layers.qk_norm),
+                                   (DEFAULT_LAYERS.norm, DEFAULT_LAYERS.mlp, DEFAULT_LAYERS.pos_embed,
+                                    DEFAULT_LAYERS.qk_norm)):
+        if value != default:
+            return (f"block {block!r} builds its own layers (its constructor takes no layers), so it cannot "
+                    f"take {key}: {str(value).lower()}")
+    return None
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,13 @@ checkpoints load with ``strict=True``. What varies:
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import BLOCKS
+from .blocks import BLOCKS, layers_problem, takes_layers
 from .layers import DEFAULT_LAYERS, Layers, get_2d_sincos_pos_embed  # noqa: F401  (get_2d_sincos_pos_embed: public here)
 
 
@@ -180,17 +179,17 @@ class DiT(nn.Module):
         # A fixed table (sin-cos): a Parameter (not a buffer) only so that the key and its
         # place in official checkpoints match. None where positions enter the attention.
         self.layers = layers
-        table = layers.pos_table(hidden_size)
+        additive = layers.pos_table(hidden_size) is not None  # the table itself: initialize_weights
         self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-                          if table is not None else None)
+                          if additive else None)
 
-        if "layers" in inspect.signature(block_cls).parameters:
-            make_block = lambda: block_cls(hidden_size, num_heads, mlp_ratio=mlp_ratio, layers=layers)  # noqa: E731
-        elif layers.is_default():
-            make_block = lambda: block_cls(hidden_size, num_heads, mlp_ratio=mlp_ratio)  # noqa: E731
-        else:
-            raise ValueError(f"block {block!r} takes no layers argument, so it cannot be built with {layers}")
-        self.blocks = nn.ModuleList([make_block() for _ in range(depth)])
+        problem = layers_problem(block, layers)
+        if problem:
+            raise ValueError(problem)
+        with_layers = dict(layers=layers) if takes_layers(block_cls) else {}
+        self.blocks = nn.ModuleList(
+            [block_cls(hidden_size, num_heads, mlp_ratio=mlp_ratio, **with_layers) for _ in range(depth)]
+        )
         self.blocks_shared = block_cls.shared(hidden_size)  # None for all but adaLN-single
         self.skips = (nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2)])
                       if long_skips else None)

@@ -297,9 +297,6 @@ class Layers:
     def __post_init__(self):
         NORMS.get(self.norm), MLPS.get(self.mlp), POS_EMBEDS.get(self.pos_embed)  # UnknownName early
 
-    def is_default(self) -> bool:
-        return (self.norm, self.mlp, self.pos_embed, self.qk_norm) == ("layernorm", "gelu", "sincos", False)
-
     def norm_layer(self, dim: int, affine: bool = False) -> nn.Module:
         return NORMS.get(self.norm)(dim, affine)
 
