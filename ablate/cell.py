@@ -218,7 +218,10 @@ def device_dependent(name: str) -> bool:
 
 
 def label(config: dict) -> str:
-    return f"{config['model']} {config['block']} seed={config['seed']}"
+    """The cell in a few words: model, block, the layer choices that are not DiT's, seed."""
+    later = added_later_fields(CellSettings)
+    choices = "".join(f" {k}={str(config[k]).lower()}" for k in later if config.get(k, later[k]) != later[k])
+    return f"{config['model']} {config['block']}{choices} seed={config['seed']}"
 
 
 @dataclass(frozen=True)

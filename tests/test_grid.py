@@ -321,3 +321,13 @@ def test_a_plugin_block_without_layers_refuses_a_layer_choice_in_one_line(tmp_pa
                                           r"mlp: swiglu$") as e:
         load_grid(write(tmp_path, base + ", mlp: swiglu}", "bad.yaml"))
     assert e.value.key == "base.block"
+
+
+def test_a_cell_label_names_the_layer_choices_that_are_not_dits(tmp_path):
+    from ablate.cell import label
+
+    base = "base: {model: DiT-T/4, data: {name: digits, image_size: 16}"
+    (plain,) = load_grid(write(tmp_path, base + "}", "a.yaml")).cells
+    (rope,) = load_grid(write(tmp_path, base + ", pos_embed: rope, qk_norm: true}", "b.yaml")).cells
+    assert label(plain) == "DiT-T/4 adaln-zero seed=0"
+    assert label(rope) == "DiT-T/4 adaln-zero pos_embed=rope qk_norm=true seed=0"
