@@ -14,13 +14,15 @@ takes no ``layers`` is built with DiT's layers only.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 import torch.nn as nn
 
 from ..registry import Registry
-from .layers import DEFAULT_LAYERS, Attention, CrossAttention, Layers, Mlp, attention, naive_attention  # noqa: F401  (the blocks' public names)
+# Attention, Mlp and the attention kernels live in layers.py; imported here by their old address.
+from .layers import DEFAULT_LAYERS, Attention, CrossAttention, Layers, Mlp, attention, naive_attention  # noqa: F401
 
 BLOCKS: Registry[type] = Registry("block")
 register_block = BLOCKS.register
@@ -35,13 +37,11 @@ def layers_problem(block: str, layers: Layers) -> str | None:
     """Why ``block`` cannot be built with ``layers`` (one line naming the setting), or None."""
     if takes_layers(BLOCKS.get(block)):
         return None
-    for key, value, default in zip(("norm", "mlp", "pos_embed", "qk_norm"),
-                                   (layers.norm, layers.mlp, layers.pos_embed, layers.qk_norm),
-                                   (DEFAULT_LAYERS.norm, DEFAULT_LAYERS.mlp, DEFAULT_LAYERS.pos_embed,
-                                    DEFAULT_LAYERS.qk_norm)):
-        if value != default:
+    for f in dataclasses.fields(Layers):
+        value = getattr(layers, f.name)
+        if f.name != "grid" and value != f.default:
             return (f"block {block!r} builds its own layers (its constructor takes no layers), so it cannot "
-                    f"take {key}: {str(value).lower()}")
+                    f"take {f.name}: {str(value).lower()}")
     return None
 
 

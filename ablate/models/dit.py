@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import BLOCKS, layers_problem, takes_layers
-from .layers import DEFAULT_LAYERS, Layers, get_2d_sincos_pos_embed  # noqa: F401  (get_2d_sincos_pos_embed: public here)
+from .layers import DEFAULT_LAYERS, Layers, get_2d_sincos_pos_embed  # noqa: F401  (the table's old address)
 
 
 # ---------------------------------------------------------------------------------
