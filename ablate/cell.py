@@ -23,9 +23,10 @@ from .data import build_dataset, check_dataset_config
 from .device import DEVICE_SETTINGS, device_identity, device_problem, resolve_device  # noqa: F401  (resolve_device: the CLI's)
 from .files import make_folder
 from .measure import MEASURES, Measurement
-from .models import BLOCKS, SIZES, dit_kwargs, model_name, parse_model_name
+from .models import (DESIGN_CHOICES, SIZES, SWITCHES, Layers, dit_kwargs, layers_problem, model_name,
+                     parse_model_name)
 from .registry import UnknownName, did_you_mean
-from .settings import ConfigError, keyed, parse
+from .settings import ConfigError, added_later, added_later_fields, keyed, parse
 
 
 @dataclass
@@ -46,6 +47,12 @@ class CellSettings:
     measure: list[str] = field(default_factory=lambda: ["flops"])
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: int | None = None  # CPU threads; default: torch's default
+    # The layers' design choices (ablate.models.layers), DiT's by default.
+    norm: str = added_later("layernorm")
+    mlp: str = added_later("gelu")
+    pos_embed: str = added_later("sincos")
+    qk_norm: bool = added_later(False)
+    long_skips: bool = added_later(False)
 
     def check(self) -> None:
         if self.model is not None:
@@ -67,8 +74,15 @@ class CellSettings:
             if v is not None and (v < 0 or (v == 0 and key != "seed")):
                 raise ConfigError(key, f"{v!r} must be {'>= 0' if key == 'seed' else '> 0'}")
         self.model = model_name(self.size, self.patch_size)
-        if self.block not in BLOCKS:
-            raise ConfigError("block", str(UnknownName("block", self.block, BLOCKS.names())))
+        for key, registry in DESIGN_CHOICES.items():
+            if getattr(self, key) not in registry:
+                raise ConfigError(key, str(UnknownName(registry.kind, getattr(self, key), registry.names())))
+        head_dim = SIZES.get(self.size).hidden_size // SIZES.get(self.size).num_heads
+        if self.pos_embed == "rope" and head_dim % 4:
+            raise ConfigError("pos_embed", f"rope needs a head dim divisible by 4; {self.model} has {head_dim}")
+        problem = layers_problem(self.block, Layers(self.norm, self.mlp, self.pos_embed, self.qk_norm))
+        if problem:
+            raise ConfigError("block", problem)
         try:
             self.data = check_dataset_config(self.data)
         except UnknownName as e:
@@ -171,7 +185,7 @@ def cell_id(config: dict) -> str:
     each measurement section reduced to what differs from its defaults, so that adding a
     measurement with default settings to ``measure:`` keeps the cell's id."""
     ident = {}
-    for k, v in config.items():
+    for k, v in keyed(CellSettings, config).items():  # less the model settings added later, at their defaults
         if k == "measure":
             continue
         if k in MEASURES and MEASURES.get(k).settings is not None and isinstance(v, dict):
@@ -192,7 +206,8 @@ def measurement_key(config: dict, name: str) -> str:
     to here, not the setting as written: ``auto`` on a GPU node and on a CPU node are two
     results, which machines sharing a results folder must not reuse for each other."""
     m = MEASURES.get(name)
-    inputs = {k: config.get(k) for k in m.uses}
+    later = added_later_fields(CellSettings)  # keyed only where set: a config from before them lacks them
+    inputs = {k: config.get(k) for k in m.uses if k not in later or config.get(k, later[k]) != later[k]}
     if "device" in inputs:
         inputs["device"] = device_identity(config["device"], config.get("threads"))
         if "threads" in inputs and inputs["device"]["type"] == "cpu":
@@ -209,7 +224,10 @@ def device_dependent(name: str) -> bool:
 
 
 def label(config: dict) -> str:
-    return f"{config['model']} {config['block']} seed={config['seed']}"
+    """The cell in a few words: model, block, the layer choices that are not DiT's, seed."""
+    later = added_later_fields(CellSettings)
+    choices = "".join(f" {k}={str(config[k]).lower()}" for k in later if config.get(k, later[k]) != later[k])
+    return f"{config['model']} {config['block']}{choices} seed={config['seed']}"
 
 
 @dataclass(frozen=True)
@@ -259,9 +277,10 @@ class Cell:
             in_channels = in_channels or ds.channels
             num_classes = num_classes or ds.num_classes
             input_size = input_size or ds.image_size
+        layers = {k: c[k] for k in (*DESIGN_CHOICES, *SWITCHES) if k != "block" and k in c}  # norm, mlp, ...
         return dit_kwargs(size=c["size"], patch_size=c["patch_size"], block=c["block"], input_size=input_size,
                           in_channels=in_channels, num_classes=num_classes, learn_sigma=c["learn_sigma"],
-                          class_dropout_prob=c["class_dropout_prob"])
+                          class_dropout_prob=c["class_dropout_prob"], **layers)
 
     def build_model(self):
         from .models import DiT

@@ -129,12 +129,17 @@ def added_later(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={_ADDED_LATER: True})
 
 
+def added_later_fields(cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` declared ``added_later``, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get(_ADDED_LATER)}
+
+
 def keyed(cls: type, section: Mapping | None) -> Mapping | None:
     """``section`` (a resolved section of ``cls``) as a measurement key hashes it: without
     the fields ``added_later`` that are at their default."""
     if section is None:
         return None
-    later = {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get(_ADDED_LATER)}
+    later = added_later_fields(cls)
     return {k: v for k, v in section.items() if k not in later or v != later[k]}
 
 

@@ -82,3 +82,95 @@ def test_meta_built_and_real_models_agree_with_parameter_count():
     real = create_model(size="T", patch_size=2, input_size=16, num_classes=10, block="adaln")
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in real.parameters())
     assert F.count_flops(kw)["gflops"] > 0
+
+
+# ---------------------------------------------------------------------------------
+# The successors' design choices, each against its closed form
+# ---------------------------------------------------------------------------------
+def closed_form_choices(input_size, patch_size, in_channels, hidden_size, depth, num_heads, torch_counter=False,
+                        block="adaln-zero", norm="layernorm", qk_norm=False, mlp="gelu", pos_embed="sincos",
+                        long_skips=False, **_):
+    """adaLN-Zero's count (above) changed term by term by each choice. Convention: linear maps
+    count their multiply-adds; elementwise arithmetic is free (SwiGLU's gate, the rotary
+    multiply, adaLN-single's added vector); fvcore counts LayerNorm 4 per element, RMSNorm 2
+    (3 with a learned scale: QK-norm's); PyTorch's counter counts no normalisation."""
+    T, D, L = (input_size // patch_size) ** 2, hidden_size, depth
+    kw = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=D, depth=L)
+    total = closed_form_adaln_zero(**kw, norms=not torch_counter)
+    if block == "adaln-single":
+        total -= (L - 1) * 6 * D * D  # one Linear(d, 6d) per image instead of one per block
+    if norm == "rmsnorm" and not torch_counter:
+        total -= (2 * L + 1) * T * D * (4 - 2)  # every LayerNorm of the blocks and the final layer
+    if qk_norm and not torch_counter:
+        total += L * 2 * T * D * 3  # q and k: T x heads x head dim elements each, with a scale
+    if mlp == "swiglu":
+        h = 8 * -(-int(2 * 4 * D / 3) // 8)
+        total += L * T * (3 * D * h - 8 * D * D)
+    if long_skips:
+        total += (L // 2) * T * 2 * D * D  # Linear(2d, d) per token per pair
+    return total  # pos_embed: rope rotates elementwise: free; the sin-cos table's add is free too
+
+
+CHOICES = [dict(block="adaln-single"), dict(norm="rmsnorm"), dict(qk_norm=True), dict(mlp="swiglu"),
+           dict(pos_embed="rope"), dict(long_skips=True),
+           dict(block="adaln-single", norm="rmsnorm", qk_norm=True, mlp="swiglu", pos_embed="rope", long_skips=True)]
+
+
+@pytest.mark.parametrize("choice", CHOICES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_each_choice_counts_its_closed_form(choice):
+    kw = {**TINY, "depth": 5, **choice}  # 5 blocks: 2 long-skip pairs, the middle block unpaired
+    got = F.count_flops(kw, exact=True)
+    assert got["gflops"] * 1e9 == pytest.approx(closed_form_choices(**kw), abs=0.5)
+    assert got["gflops_torch"] * 1e9 == pytest.approx(closed_form_choices(**kw, torch_counter=True), abs=0.5)
+    # The counts cut to 2 blocks and extended to the depth (1 long skip extended to depth // 2) are exact.
+    for depth in (5, 6):
+        assert F.count_flops({**kw, "depth": depth}) == pytest.approx(F.count_flops({**kw, "depth": depth}, exact=True),
+                                                                       rel=1e-12)
+
+
+def test_choices_at_dit_xl2_against_the_paper_scale_formulas():
+    """At the paper's scale: adaLN-single saves (28 - 1) x 6 x 1152^2 multiply-adds (0.21 Gflops of 118.6),
+    long skips cost 14 x 256 x 2 x 1152^2 (9.5 Gflops)."""
+    base = F.count_flops(paper_kwargs("DiT-XL/2"))["gflops"]
+    single = F.count_flops(paper_kwargs("DiT-XL/2", "adaln-single"))["gflops"]
+    skips = F.count_flops({**paper_kwargs("DiT-XL/2"), "long_skips": True})["gflops"]
+    assert (base - single) * 1e9 == pytest.approx(27 * 6 * 1152**2, abs=1)
+    assert (skips - base) * 1e9 == pytest.approx(14 * 256 * 2 * 1152**2, abs=1)
+
+
+def test_a_plugin_registers_the_count_of_its_own_op(monkeypatch):
+    monkeypatch.setattr(F, "OP_HANDLES", dict(F.OP_HANDLES))  # registrations end with the test
+
+    @torch.library.custom_op("ablate_test::outer_sum", mutates_args=())
+    def outer_sum(x: torch.Tensor) -> torch.Tensor:  # (N, K) -> (N, K, K): K*K multiply-adds per row
+        return x.unsqueeze(-1) * x.unsqueeze(-2)
+
+    @outer_sum.register_fake
+    def _(x):
+        return x.new_empty(*x.shape, x.shape[-1])
+
+    class Plugin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 4)
+
+        def forward(self, x):
+            return outer_sum(self.lin(x))
+
+    x = torch.randn(3, 5)
+    with pytest.raises(F.UncountedOp, match=r"ablate_test::outer_sum: register its count with .*register_op_flops"):
+        F.fvcore_count(Plugin(), (x,))
+
+    def outer_sum_flops(inputs, outputs):
+        n, k = F.get_shape(inputs[0])
+        return n * k * k
+
+    F.register_op_flops("ablate_test::outer_sum", outer_sum_flops)
+    total, by_module, by_op = F.fvcore_count(Plugin(), (x,))
+    assert (total, by_op) == (3 * 5 * 4 + 3 * 4 * 4, {"linear": 60, "outer_sum": 48})
+    with pytest.raises(ValueError, match="already counted"):
+        F.register_op_flops("ablate_test::outer_sum", F.free)
+    F.register_op_flops("ablate_test::outer_sum", F.free, overwrite=True)  # declared free
+    assert F.fvcore_count(Plugin(), (x,))[0] == 60
+    with pytest.raises(ValueError, match="already counted"):
+        F.register_op_flops("aten::add", outer_sum_flops)

@@ -148,6 +148,17 @@ BAD = {
                             "base.train.sample_steps", "1 must be >= 2"),
 }
 
+# The model's design choices: a did-you-mean from their registries, a type for the switches.
+BAD.update({
+    "unknown norm": (f"grid: {{norm: [layernorm, rmsnrom]}}\nbase: {{{M}}}", "grid.norm",
+                     "unknown norm 'rmsnrom' (did you mean 'rmsnorm'?)"),
+    "unknown mlp": (f"base: {{{M}, mlp: swiglo}}", "base.mlp", "unknown mlp 'swiglo' (did you mean 'swiglu'?)"),
+    "unknown pos_embed": (f"base: {{{M}, pos_embed: rop}}", "base.pos_embed", "did you mean 'rope'"),
+    "unknown block adaln-single": (f"base: {{{M}, block: adaln-singel}}", "base.block", "did you mean 'adaln-single'"),
+    "qk_norm not a switch": (f"base: {{{M}, qk_norm: 'yes'}}", "base.qk_norm", "'yes' is not true or false"),
+    "long_skips not a switch": (f"base: {{{M}, long_skips: 1}}", "base.long_skips", "1 is not true or false"),
+})
+
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case, monkeypatch):
@@ -240,3 +251,83 @@ def test_one_and_one_point_zero_are_one_cell_and_flops_see_the_null_class(tmp_pa
 def test_non_text_setting_names_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="base.5: a setting name must be text"):
         load_grid(write(tmp_path, "base: {model: DiT-T/4, 5: x}"))
+
+
+def test_the_model_choices_are_keyed_only_where_set(tmp_path):
+    """norm, mlp, pos_embed, qk_norm and long_skips were added after results were stored: a cell
+    that sets none of them has the id and the keys it had before they existed (the values
+    below), with or without them in its resolved settings; each one set is another model."""
+    base = "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, measure: [flops, train, fid]"
+    (cell,) = load_grid(write(tmp_path, base + "}", "a.yaml")).cells
+    assert (cell["norm"], cell["mlp"], cell["pos_embed"], cell["qk_norm"], cell["long_skips"]) == (
+        "layernorm", "gelu", "sincos", False, False)
+    before = ("b74344584b27", {"flops": "flops-27c209182e59", "train": "train-6ac134949498", "fid": "fid-99cb5a1ded76"})
+    keys = {m: measurement_key(cell, m) for m in before[1]}
+    assert (cell_id(cell), keys) == before
+    old = {k: v for k, v in cell.items() if k not in ("norm", "mlp", "pos_embed", "qk_norm", "long_skips")}
+    assert (cell_id(old), {m: measurement_key(old, m) for m in keys}) == before
+    (explicit,) = load_grid(write(tmp_path, base + ", norm: layernorm, mlp: gelu, pos_embed: sincos, qk_norm: false, "
+                                                   "long_skips: false}", "b.yaml")).cells
+    assert (cell_id(explicit), {m: measurement_key(explicit, m) for m in keys}) == before
+    ids = {cell_id(cell)}
+    for setting in ("norm: rmsnorm", "mlp: swiglu", "pos_embed: rope", "qk_norm: true", "long_skips: true",
+                    "block: adaln-single"):
+        (other,) = load_grid(write(tmp_path, base + f", {setting}}}", "c.yaml")).cells
+        assert all(measurement_key(other, m) != keys[m] for m in keys), setting
+        ids.add(cell_id(other))
+    assert len(ids) == 7
+
+
+def test_a_grid_over_the_model_choices_builds_those_models(tmp_path):
+    from ablate.cell import Cell
+
+    g = load_grid(write(tmp_path, "grid: {norm: [layernorm, rmsnorm], pos_embed: [sincos, rope]}\n"
+                                  "base: {model: DiT-T/4, data: {name: digits, image_size: 16}, qk_norm: true, "
+                                  "mlp: swiglu, long_skips: true}"))
+    assert len(g.cells) == 4
+    cell = Cell(g.cells[3], tmp_path / "w")
+    kw = cell.model_kwargs
+    assert (kw["norm"], kw["pos_embed"], kw["qk_norm"], kw["mlp"], kw["long_skips"]) == ("rmsnorm", "rope", True,
+                                                                                         "swiglu", True)
+    model = cell.build_model()
+    assert model.pos_embed is None and len(model.skips) == 2 and model.blocks[0].attn.qk_norm
+
+
+def test_rope_on_a_size_whose_head_dim_is_not_a_multiple_of_four_is_one_line(tmp_path):
+    from ablate.models import SIZES, register_size
+
+    if "H6" not in SIZES:
+        register_size("H6", depth=2, hidden_size=24, num_heads=4, patch_sizes=(4,))  # head dim 6
+    with pytest.raises(ConfigError, match="rope needs a head dim divisible by 4; DiT-H6/4 has 6") as e:
+        load_grid(write(tmp_path, "base: {model: DiT-H6/4, pos_embed: rope, data: {name: digits, image_size: 16}}"))
+    assert e.value.key == "base.pos_embed"
+    assert len(load_grid(write(tmp_path, "base: {model: DiT-H6/4, data: {name: digits, image_size: 16}}",
+                               "ok.yaml")).cells) == 1
+
+
+def test_a_plugin_block_without_layers_refuses_a_layer_choice_in_one_line(tmp_path):
+    (tmp_path / "oldblocks.py").write_text(textwrap.dedent("""
+        from ablate.models import register_block, BLOCKS
+        from ablate.models.blocks import AdaLNZeroBlock
+        if "old-block" not in BLOCKS:
+            @register_block("old-block")
+            class OldBlock(AdaLNZeroBlock):
+                def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+                    super().__init__(hidden_size, num_heads, mlp_ratio)
+        """))
+    base = "imports: [oldblocks.py]\nbase: {model: DiT-T/4, block: old-block, data: {name: digits, image_size: 16}"
+    assert len(load_grid(write(tmp_path, base + ", long_skips: true}", "ok.yaml")).cells) == 1
+    with pytest.raises(ConfigError, match=r"block 'old-block' builds its own layers .*, so it cannot take "
+                                          r"mlp: swiglu$") as e:
+        load_grid(write(tmp_path, base + ", mlp: swiglu}", "bad.yaml"))
+    assert e.value.key == "base.block"
+
+
+def test_a_cell_label_names_the_layer_choices_that_are_not_dits(tmp_path):
+    from ablate.cell import label
+
+    base = "base: {model: DiT-T/4, data: {name: digits, image_size: 16}"
+    (plain,) = load_grid(write(tmp_path, base + "}", "a.yaml")).cells
+    (rope,) = load_grid(write(tmp_path, base + ", pos_embed: rope, qk_norm: true}", "b.yaml")).cells
+    assert label(plain) == "DiT-T/4 adaln-zero seed=0"
+    assert label(rope) == "DiT-T/4 adaln-zero pos_embed=rope qk_norm=true seed=0"

@@ -32,9 +32,11 @@ def small(digits):
     return digits.subset(100)  # 6 batches of 16 per epoch: 8 steps cross an epoch boundary
 
 
-def digits_dit(seed: int = 0, live_output: bool = False) -> DiT:
-    """A 2-block, 64-wide DiT on 16x16x1 images (16 tokens); ~0.2M parameters."""
-    return tiny(seed=seed, input_size=16, patch_size=4, in_channels=1, num_heads=2, live_output=live_output)
+def digits_dit(seed: int = 0, live_output: bool = False, **choices) -> DiT:
+    """A 2-block, 64-wide DiT on 16x16x1 images (16 tokens); ~0.2M parameters; ``choices``:
+    the model's design choices (block, norm, mlp, ...)."""
+    return tiny(seed=seed, input_size=16, patch_size=4, in_channels=1, num_heads=2, live_output=live_output,
+                **choices)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -350,3 +352,78 @@ def test_a_run_removes_the_temporary_files_a_killed_writer_left_and_nothing_else
     (tmp_path / "real" / stale[0]).write_bytes(b"x")
     (tmp_path / "link").symlink_to(tmp_path / "real")
     assert remove_stale_temps(tmp_path / "link") == [] and (tmp_path / "real" / stale[0]).exists()
+
+
+# ---------------------------------------------------------------------------------
+# The model's design choices train in the same loop
+# ---------------------------------------------------------------------------------
+CHOICES = [dict(block="adaln-single"), dict(norm="rmsnorm"), dict(qk_norm=True), dict(mlp="swiglu"),
+           dict(pos_embed="rope"), dict(long_skips=True, depth=3),
+           dict(block="in-context", norm="rmsnorm", qk_norm=True, mlp="swiglu", pos_embed="rope", long_skips=True)]
+
+
+@pytest.mark.parametrize("choice", CHOICES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_each_design_choice_learns_and_resumes_exactly(tmp_path, small, choice):
+    s = dataclasses.replace(FAST, steps=30, log_every=10)
+    out, _ = run(tmp_path, "learn", s, data=small, model=digits_dit(**choice))
+    assert out["final_loss"] < 0.7 * out["loss_start"], (out["loss_start"], out["final_loss"])
+    # 4 steps, then a fresh process's model (another seed) resumed from the checkpoint for 4 more.
+    full, m_full = run(tmp_path, "full", data=small, model=digits_dit(**choice))
+    run(tmp_path, "resumed", dataclasses.replace(FAST, steps=4), data=small, model=digits_dit(**choice))
+    resumed, m_resumed = run(tmp_path, "resumed", data=small, model=digits_dit(seed=123, **choice))
+    assert max_diff(weights(m_full), weights(m_resumed)) < 1e-6
+    ck_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    ck_res = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert max_diff(ck_full["ema"], ck_res["ema"]) < 1e-6
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("block", ["adaln-single", "in-context"])
+def test_the_design_choices_sample_evaluate_and_snapshot_like_dit(tmp_path, small, block):
+    every = dict(block=block, norm="rmsnorm", qk_norm=True, mlp="swiglu", pos_embed="rope", long_skips=True)
+    seen = []
+
+    def evaluate(ema, samples, step):
+        seen.append((step, tuple(samples.shape), bool(samples.isfinite().all())))
+        return {"sample_std": samples.std()}
+
+    s = dataclasses.replace(FAST, steps=2, eval_every=1, eval_samples=4, sample_steps=3, cfg_scale=2.0)
+    out, model = run(tmp_path, "run", s, data=small, model=digits_dit(live_output=True, **every), evaluate=evaluate)
+    assert seen == [(1, (4, 1, 16, 16), True), (2, (4, 1, 16, 16), True)] and out["evals"][1]["sample_std"] > 0
+    snapshot = torch.load(tmp_path / "run" / "ema_step0000001.pt", weights_only=True)  # the last step: the checkpoint
+    ema = digits_dit(seed=5, **every)
+    ema.load_state_dict(snapshot if "ema" not in snapshot else snapshot["ema"], strict=True)
+    # Sampling in bf16 (its rotary tables cast with the weights) stays near fp32's.
+    opts = SamplingOptions(sample_steps=3, sampler="ddim")
+    fp32, _ = sample_images(ema.eval(), 4, opts, image_size=16, seed=1)
+    bf16, _ = sample_images(ema, 4, opts, image_size=16, seed=1, precision="bf16-true")
+    assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("scope", ["step", "blocks"])
+def test_the_compiled_step_of_every_design_choice_matches_eager(monkeypatch, scope):
+    """All the layer choices at once, with adaLN-single (its shared modulation outside the
+    blocks) and long skips (between them): compiled whole or block by block, as eager."""
+    import copy
+
+    import ablate.step as step_mod
+    from ablate.diffusion import create_diffusion
+    from ablate.step import StepOptions, TrainStep
+
+    monkeypatch.setattr(step_mod, "BACKEND", "aot_eager")  # dynamo's graphs without inductor's C++ build
+    every = dict(block="adaln-single", norm="rmsnorm", qk_norm=True, mlp="swiglu", pos_embed="rope", long_skips=True)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+    def steps(**kw):
+        model = tiny(hidden_size=32, depth=3, num_heads=2, **every)
+        step = TrainStep(model, create_diffusion(None, learn_sigma=True), StepOptions(precision="fp32", **kw),
+                         lr=1e-3, ema=copy.deepcopy(model), ema_decay=0.9)
+        torch.manual_seed(5)
+        return [step.step(x, y).item() for _ in range(3)], model
+
+    losses, model = steps(compile=False)
+    losses2, model2 = steps(compile=True, compile_scope=scope)
+    assert losses2 == pytest.approx(losses, rel=1e-5)
+    assert max_diff(weights(model), weights(model2)) < 1e-5
+    assert max_diff(weights(model), weights(tiny(hidden_size=32, depth=3, num_heads=2, **every))) > 1e-3

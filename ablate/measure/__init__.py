@@ -32,9 +32,10 @@ from typing import Callable
 
 from ..registry import Registry
 
-# The cell settings that identify the model; every measurement depends on these.
+# The cell settings that identify the model; every measurement depends on these (the layer
+# choices after ``data`` were added later: keys hold them only where they are set).
 MODEL_KEYS = ("model", "block", "input_size", "in_channels", "num_classes", "learn_sigma",
-              "class_dropout_prob", "data")
+              "class_dropout_prob", "data", "norm", "mlp", "pos_embed", "qk_norm", "long_skips")
 # Table columns that say which cell a row is, before any measurement's columns.
 IDENTITY_COLUMNS = ("model", "block", "seed", "status")
 

@@ -8,7 +8,17 @@ fvcore has no handler for ``aten::scaled_dot_product_attention`` and would count
 zero (DiT-XL/2 would read 114.5 instead of 118.6), so a handler is registered here, in
 fvcore's table, rather than by switching the fused attention off. Any other op fvcore
 cannot count raises ``UncountedOp`` unless it is in ``FREE_OPS``: an op silently counted
-as zero is the bug this module exists to prevent.
+as zero is the bug this module exists to prevent. A plugin whose model runs an op of its
+own registers its count with ``register_op_flops(op_name, handler)`` (``free`` as the
+handler: it costs no multiply-adds), not by editing this file.
+
+The layer choices (``ablate.models.layers``) follow the rules the DiT ops follow:
+linear maps (SwiGLU's three, the long skips' ``Linear(2d, d)``, adaLN-single's one
+modulation) are counted by fvcore; elementwise arithmetic is free (SwiGLU's gate, the
+rotary multiply, adaLN-single's per-block add, as DiT's modulation and residual adds);
+``aten::rms_norm`` (RMSNorm, QK-norm) counts as fvcore counts LayerNorm, less the mean and
+the centring LayerNorm has and RMSNorm has not: 2 per element, 3 with a learned scale
+(LayerNorm: 4 and 5).
 """
 from __future__ import annotations
 
@@ -45,8 +55,31 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * L * S * (E + Ev)
 
 
+def rms_norm_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """input, normalized_shape, weight, eps: 2 per element (mean of squares, scaling), 3 with
+    a weight, as fvcore's LayerNorm handler counts 4 and 5 (it also takes and subtracts a mean)."""
+    numel = 1
+    for d in get_shape(inputs[0]):
+        numel *= d
+    return numel * (3 if get_shape(inputs[2]) is not None else 2)
+
+
+def free(inputs: list[Any], outputs: list[Any]) -> int:
+    """The handler of an op that costs no multiply-adds."""
+    return 0
+
+
 # fvcore's handler table, extended (fvcore: ``FlopCountAnalysis.set_op_handle``).
-OP_HANDLES = {"aten::scaled_dot_product_attention": sdpa_flop_jit}
+OP_HANDLES = {"aten::scaled_dot_product_attention": sdpa_flop_jit, "aten::rms_norm": rms_norm_flop_jit}
+
+
+def register_op_flops(op_name: str, handler, *, overwrite: bool = False) -> None:
+    """Count ``op_name`` (a traced op's name, ``"mylib::my_op"``) with ``handler(inputs,
+    outputs) -> multiply-adds`` (fvcore's handle signature; ``get_shape`` from
+    ``fvcore.nn.jit_handles`` reads an input's shape); ``free`` declares it costless."""
+    if not overwrite and (op_name in OP_HANDLES or op_name in FREE_OPS):
+        raise ValueError(f"op {op_name!r} is already counted; pass overwrite=True to replace its count")
+    OP_HANDLES[op_name] = handler
 
 # Ops that cost no multiply-adds in the paper's convention: elementwise arithmetic and
 # activations, lookups, shape changes. fvcore skips them (with a warning); we skip them
@@ -79,8 +112,8 @@ def fvcore_count(model: nn.Module, inputs: tuple) -> tuple[int, dict[str, int], 
     total = fa.total()
     unknown = sorted(set(fa.unsupported_ops()) - FREE_OPS)
     if unknown:
-        raise UncountedOp(f"fvcore cannot count {', '.join(unknown)}: register a handler in "
-                          "ablate.measure.flops.OP_HANDLES or, if it is free, add it to FREE_OPS")
+        raise UncountedOp(f"fvcore cannot count {', '.join(unknown)}: register its count with "
+                          "ablate.measure.flops.register_op_flops(name, handler) (handler free if it is free)")
     return total, dict(fa.by_module()), dict(fa.by_operator())
 
 
@@ -104,7 +137,7 @@ def _build(model_kwargs: dict, device: str, **override) -> nn.Module:
     if device != "meta":
         model = model.to_empty(device=device)
         with torch.no_grad():
-            for p in model.parameters():
+            for p in [*model.parameters(), *model.buffers()]:
                 p.zero_()
     return model
 
@@ -117,8 +150,9 @@ def count_flops(model_kwargs: dict, *, exact: bool = False) -> dict[str, float]:
     Both counters run the model op by op (fvcore traces it for real, about 10 s for
     DiT-XL/2 on a CPU). The blocks of a DiT are identical, so the count is affine in depth:
     by default each counter runs the model cut to 2 blocks, and the cost of the second
-    block is extended to the full depth, which is exact (a test compares it with the full
-    trace). ``exact=True`` runs the full-depth model.
+    block is extended to the full depth, and that of the one long skip (``skips.0``) to
+    the depth // 2 pairs, which is exact (a test compares it with the full trace).
+    ``exact=True`` runs the full-depth model.
     """
     depth = model_kwargs.get("depth", 28)
     d = depth if exact else min(depth, 2)
@@ -130,6 +164,10 @@ def count_flops(model_kwargs: dict, *, exact: bool = False) -> dict[str, float]:
     last = f"blocks.{d - 1}"
     fv_total += extra * by_module[last]
     pt_total += extra * pt_by_module[last]
+    extra_skips = depth // 2 - d // 2  # long skips not run, each costing what skips.0 costs
+    if model_kwargs.get("long_skips") and extra_skips:
+        fv_total += extra_skips * by_module["skips.0"]
+        pt_total += extra_skips * pt_by_module["skips.0"]
     attn_per_block = by_op.get("scaled_dot_product_attention", 0) + by_op.get("matmul", 0)
     return {
         "gflops": fv_total / 1e9,

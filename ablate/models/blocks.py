@@ -1,98 +1,52 @@
-"""The four conditioning blocks of the DiT paper (section 3.2), each a registered class.
+"""The four conditioning blocks of the DiT paper (section 3.2) and PixArt-alpha's adaLN-single,
+each a registered class.
 
-A block type owns three things: the block itself, how the timestep embedding t and the
-class embedding y reach it (``condition``/``uncondition``), and whether the final layer
+A block type owns four things: the block itself, how the timestep embedding t and the
+class embedding y reach it (``condition``/``uncondition``), a module shared by all its
+blocks if it has one (``shared``: adaLN-single's modulation), and whether the final layer
 is adaLN-modulated. Register a new design with ``@register_block("name")`` and every grid,
 table and plot can use it; nothing else changes.
+
+A block is built as ``cls(hidden_size, num_heads, mlp_ratio=..., layers=Layers(...))`` and
+takes its norms, attention and MLP from ``layers`` (``ablate.models.layers``), so every
+block has every layer choice (norm, qk_norm, mlp, pos_embed). A block whose constructor
+takes no ``layers`` is built with DiT's layers only.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import inspect
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..registry import Registry
+# Attention, Mlp and the attention kernels live in layers.py; imported here by their old address.
+from .layers import DEFAULT_LAYERS, Attention, CrossAttention, Layers, Mlp, attention, naive_attention  # noqa: F401
 
 BLOCKS: Registry[type] = Registry("block")
 register_block = BLOCKS.register
 
-# The obvious implementation of attention (explicit softmax(QK^T)V) exists only so that
-# benchmarks can measure what the fused kernel buys; models always use the fused path.
-_FUSED_ATTENTION = True
+
+def takes_layers(block_cls: type) -> bool:
+    """Whether a block type builds its layers from ``Layers`` (every built-in does)."""
+    return "layers" in inspect.signature(block_cls).parameters
 
 
-@contextlib.contextmanager
-def naive_attention():
-    """Within this context, attention is computed with explicit matmuls and softmax."""
-    global _FUSED_ATTENTION
-    old, _FUSED_ATTENTION = _FUSED_ATTENTION, False
-    try:
-        yield
-    finally:
-        _FUSED_ATTENTION = old
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q: (N, H, Tq, Dh), k, v: (N, H, Tk, Dh) -> (N, H, Tq, Dh)."""
-    if _FUSED_ATTENTION:
-        return F.scaled_dot_product_attention(q, k, v)
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, Tq, Tk)
-    return attn.softmax(dim=-1) @ v
+def layers_problem(block: str, layers: Layers) -> str | None:
+    """Why ``block`` cannot be built with ``layers`` (one line naming the setting), or None."""
+    if takes_layers(BLOCKS.get(block)):
+        return None
+    for f in dataclasses.fields(Layers):
+        value = getattr(layers, f.name)
+        if f.name != "grid" and value != f.default:
+            return (f"block {block!r} builds its own layers (its constructor takes no layers), so it cannot "
+                    f"take {f.name}: {str(value).lower()}")
+    return None
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with timm's key names (``qkv``, ``proj``)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, Dh) each
-        x = attention(q, k, v).transpose(1, 2).reshape(N, T, D)
-        return self.proj(x)  # (N, T, D)
-
-
-class CrossAttention(nn.Module):
-    """Image tokens attend to a short conditioning sequence."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=True)
-        self.kv = nn.Linear(dim, dim * 2, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        N, T, D = x.shape
-        H, Dh = self.num_heads, D // self.num_heads
-        q = self.q(x).reshape(N, T, H, Dh).transpose(1, 2)  # (N, H, T, Dh)
-        kv = self.kv(ctx).reshape(N, ctx.shape[1], 2, H, Dh).permute(2, 0, 3, 1, 4)
-        x = attention(q, kv[0], kv[1]).transpose(1, 2).reshape(N, T, D)
-        return self.proj(x)  # (N, T, D)
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (tanh approximation, as DiT) -> fc2, with timm's key names."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -110,6 +64,16 @@ class Block(nn.Module):
         """Tokens after the last block -> the patch tokens the final layer sees."""
         return x
 
+    @staticmethod
+    def shared(hidden_size: int) -> nn.Module | None:
+        """A module applied once to cond, whose output every block receives instead of
+        cond (the final layer still gets cond); None: the blocks get cond."""
+        return None
+
+    @staticmethod
+    def initialize_shared(module: nn.Module) -> None:
+        pass
+
     def initialize_weights(self) -> None:
         pass
 
@@ -119,12 +83,12 @@ class AdaLNZeroBlock(Block):
     """adaLN with per-channel gates before each residual; the modulation starts at zero,
     so each block starts as the identity. This is the official ``DiTBlock``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, layers: Layers = DEFAULT_LAYERS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = layers.norm_layer(hidden_size)
+        self.attn = layers.attention(hidden_size, num_heads)
+        self.norm2 = layers.norm_layer(hidden_size)
+        self.mlp = layers.mlp_layer(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def initialize_weights(self) -> None:
@@ -142,12 +106,12 @@ class AdaLNZeroBlock(Block):
 class AdaLNBlock(Block):
     """LayerNorm whose scale and shift are regressed from t + y; no gates, no zero init."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, layers: Layers = DEFAULT_LAYERS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = layers.norm_layer(hidden_size)
+        self.attn = layers.attention(hidden_size, num_heads)
+        self.norm2 = layers.norm_layer(hidden_size)
+        self.mlp = layers.mlp_layer(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -163,14 +127,14 @@ class CrossAttnBlock(Block):
 
     adaptive_final_layer = False
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, layers: Layers = DEFAULT_LAYERS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.cross_attn = CrossAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = layers.norm_layer(hidden_size, affine=True)
+        self.attn = layers.attention(hidden_size, num_heads)
+        self.norm_cross = layers.norm_layer(hidden_size, affine=True)
+        self.cross_attn = layers.cross_attention(hidden_size, num_heads)
+        self.norm2 = layers.norm_layer(hidden_size, affine=True)
+        self.mlp = layers.mlp_layer(hidden_size, int(hidden_size * mlp_ratio))
 
     @staticmethod
     def condition(x, t, y):
@@ -191,12 +155,12 @@ class InContextBlock(Block):
     adaptive_final_layer = False
     num_cond_tokens = 2
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, layers: Layers = DEFAULT_LAYERS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = layers.norm_layer(hidden_size, affine=True)
+        self.attn = layers.attention(hidden_size, num_heads)
+        self.norm2 = layers.norm_layer(hidden_size, affine=True)
+        self.mlp = layers.mlp_layer(hidden_size, int(hidden_size * mlp_ratio))
 
     @staticmethod
     def condition(x, t, y):
@@ -210,3 +174,40 @@ class InContextBlock(Block):
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return x  # (N, T+2, D)
+
+
+@register_block("adaln-single")
+class AdaLNSingleBlock(Block):
+    """adaLN-Zero with one modulation for all blocks (PixArt-alpha's adaLN-single): one
+    ``Linear(d, 6d)`` on SiLU(t + y) shared by all blocks, plus a learned 6d vector per block.
+
+    The vector (``scale_shift_table``) is added to the shared output; both start at zero, so
+    each block starts as the identity, as adaLN-Zero's. Against adaLN-Zero: (depth - 1) x (6d^2 + 6d) fewer
+    parameters and depth x 6d more, and (depth - 1) x 6d^2 fewer multiply-adds per image."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, layers: Layers = DEFAULT_LAYERS):
+        super().__init__()
+        self.norm1 = layers.norm_layer(hidden_size)
+        self.attn = layers.attention(hidden_size, num_heads)
+        self.norm2 = layers.norm_layer(hidden_size)
+        self.mlp = layers.mlp_layer(hidden_size, int(hidden_size * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.zeros(6 * hidden_size))
+
+    @staticmethod
+    def shared(hidden_size):
+        return nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    @staticmethod
+    def initialize_shared(module):
+        nn.init.constant_(module[-1].weight, 0)
+        nn.init.constant_(module[-1].bias, 0)
+
+    def initialize_weights(self) -> None:
+        nn.init.constant_(self.scale_shift_table, 0)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """c: (N, 6D), the shared modulation of t + y."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (c + self.scale_shift_table).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (N, T, D)

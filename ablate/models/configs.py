@@ -65,15 +65,18 @@ register_size("T", depth=4, hidden_size=128, num_heads=4)
 
 def dit_kwargs(name: str | None = None, *, size: str | None = None, patch_size: int | None = None,
                block: str = "adaln-zero", input_size: int = 32, in_channels: int = 4,
-               num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1) -> dict:
+               num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
+               norm: str = "layernorm", mlp: str = "gelu", pos_embed: str = "sincos", qk_norm: bool = False,
+               long_skips: bool = False) -> dict:
     """The ``DiT`` constructor's keywords for a model named ``"DiT-XL/2"`` or given by ``size``
     and ``patch_size``. Defaults are the paper's ImageNet-256 setting: 32x32x4 VAE latents,
-    1000 classes, learned sigma."""
+    1000 classes, learned sigma, and DiT's layers."""
     if name is not None:
         size, patch_size = parse_model_name(name)
     return dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                 **SIZES.get(size).dit_kwargs(), class_dropout_prob=class_dropout_prob,
-                num_classes=num_classes, learn_sigma=learn_sigma, block=block)
+                num_classes=num_classes, learn_sigma=learn_sigma, block=block, norm=norm, mlp=mlp,
+                pos_embed=pos_embed, qk_norm=qk_norm, long_skips=long_skips)
 
 
 def create_model(name: str | None = None, **kwargs) -> DiT:

@@ -1,21 +1,30 @@
-"""The Diffusion Transformer, with the paper's four ways of conditioning a block.
+"""The Diffusion Transformer, with the paper's four ways of conditioning a block and the
+design choices of its successors.
 
-With ``block="adaln-zero"`` this is the model of facebookresearch/DiT: the same
-modules, key names, shapes and initialisation, so official checkpoints load with
-``strict=True``. The conditioning block is the only thing that varies, and each
-block type is a registered class (``ablate.models.blocks``) that also says how the
-timestep and class embeddings reach it.
+With ``block="adaln-zero"`` and every other choice at its default this is the model of
+facebookresearch/DiT: the same modules, key names, shapes and initialisation, so official
+checkpoints load with ``strict=True``. What varies:
+
+- ``block``: each block type is a registered class (``ablate.models.blocks``) that also
+  says how the timestep and class embeddings reach it (adaLN-single: PixArt-alpha).
+- ``norm``, ``mlp``, ``pos_embed``, ``qk_norm``: the layers the blocks are built of
+  (``ablate.models.layers``: RMSNorm, SwiGLU, 2-D RoPE, QK-norm, as LightningDiT and SD3).
+- ``long_skips`` (U-ViT, Bao et al. 2023): the output of block i is concatenated to the
+  input of block depth-1-i and mapped back to d by a ``Linear(2d, d)`` (``skips.i``), for
+  the depth // 2 pairs i < depth // 2. With an even depth the innermost pair's skip carries
+  the stream itself (U-ViT's depths are odd, its middle block unpaired). Cost: depth // 2 x
+  2d x d multiply-adds per token, depth // 2 x (2d^2 + d) parameters.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import BLOCKS
+from .blocks import BLOCKS, layers_problem, takes_layers
+from .layers import DEFAULT_LAYERS, Layers, get_2d_sincos_pos_embed  # noqa: F401  (the table's old address)
 
 
 # ---------------------------------------------------------------------------------
@@ -93,9 +102,9 @@ class LabelEmbedder(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map from D to p*p*C_out per token."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, layers: Layers = DEFAULT_LAYERS):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = layers.norm_layer(hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -108,9 +117,9 @@ class FinalLayer(nn.Module):
 class PlainFinalLayer(nn.Module):
     """LayerNorm then linear, for blocks that see the conditioning as tokens."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, layers: Layers = DEFAULT_LAYERS):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.norm_final = layers.norm_layer(hidden_size, affine=True)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,8 +133,9 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
     Constructor keywords are the official ones, plus ``block``: one of the names in
-    ``ablate.models.BLOCKS`` (``adaln-zero``, ``adaln``, ``cross-attn``, ``in-context``
-    or one a user registered).
+    ``ablate.models.BLOCKS`` (``adaln-zero``, ``adaln``, ``cross-attn``, ``in-context``,
+    ``adaln-single`` or one a user registered); ``norm``, ``mlp``, ``pos_embed`` (names in
+    ``ablate.models.layers``' registries), ``qk_norm`` and ``long_skips``.
     """
 
     def __init__(
@@ -141,6 +151,11 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         block: str = "adaln-zero",
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        pos_embed: str = "sincos",
+        qk_norm: bool = False,
+        long_skips: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -148,6 +163,7 @@ class DiT(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"num_heads {num_heads} does not divide hidden_size {hidden_size}")
         block_cls = BLOCKS.get(block)
+        layers = Layers(norm=norm, mlp=mlp, pos_embed=pos_embed, qk_norm=qk_norm, grid=input_size // patch_size)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -160,15 +176,25 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        # Fixed sin-cos embedding; a Parameter (not a buffer) only so that the key and
-        # its place in official checkpoints match.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        # A fixed table (sin-cos): a Parameter (not a buffer) only so that the key and its
+        # place in official checkpoints match. None where positions enter the attention.
+        self.layers = layers
+        additive = layers.pos_table(hidden_size) is not None  # the table itself: initialize_weights
+        self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+                          if additive else None)
 
+        problem = layers_problem(block, layers)
+        if problem:
+            raise ValueError(problem)
+        with_layers = dict(layers=layers) if takes_layers(block_cls) else {}
         self.blocks = nn.ModuleList(
-            [block_cls(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)]
+            [block_cls(hidden_size, num_heads, mlp_ratio=mlp_ratio, **with_layers) for _ in range(depth)]
         )
+        self.blocks_shared = block_cls.shared(hidden_size)  # None for all but adaLN-single
+        self.skips = (nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2)])
+                      if long_skips else None)
         final_cls = FinalLayer if block_cls.adaptive_final_layer else PlainFinalLayer
-        self.final_layer = final_cls(hidden_size, patch_size, self.out_channels)
+        self.final_layer = final_cls(hidden_size, patch_size, self.out_channels, layers)
         # Recompute each block's activations in the backward pass instead of keeping them
         # (timm's grad_checkpointing): less memory, about one more forward of compute.
         self.activation_checkpointing = False
@@ -187,9 +213,9 @@ class DiT(nn.Module):
                     nn.init.constant_(module.bias, 0)
 
         self.apply(_basic_init)
-        grid = int(self.x_embedder.num_patches**0.5)
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
-        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        if self.pos_embed is not None:
+            pos = self.layers.pos_table(self.pos_embed.shape[-1])
+            self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 
         # Patch embedding initialised like nn.Linear, not like a convolution.
         w = self.x_embedder.proj.weight.data
@@ -202,6 +228,8 @@ class DiT(nn.Module):
 
         for blk in self.blocks:
             blk.initialize_weights()  # adaLN-Zero zeroes its modulation here
+        if self.blocks_shared is not None:
+            type(self.blocks[0]).initialize_shared(self.blocks_shared)
         # Zero output: the model starts by predicting 0 (noise-free eps), as in DiT.
         if isinstance(self.final_layer, FinalLayer):
             nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
@@ -224,18 +252,27 @@ class DiT(nn.Module):
         ``force_drop_ids`` (N,): which labels become the null class, drawn by the caller
         instead of here (a compiled training step draws its random numbers outside the
         graph, so that it consumes the RNG exactly as the eager step does)."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x)  # (N, T, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         block_cls = type(self.blocks[0])
         x, cond = block_cls.condition(x, t, y)  # the block type decides what "cond" is
+        block_cond = cond if self.blocks_shared is None else self.blocks_shared(cond)  # (N, 6D) for adaLN-single
         if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # (N, T', D) in bf16
-        for blk in self.blocks:
+        depth, pairs = len(self.blocks), len(self.skips) if self.skips is not None else 0
+        skipped = []  # outputs of blocks 0 .. pairs-1, for blocks depth-1 .. depth-pairs
+        for i, blk in enumerate(self.blocks):
+            if i >= depth - pairs:
+                x = self.skips[depth - 1 - i](torch.cat([x, skipped.pop()], dim=-1))  # (N, T', D)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, cond, use_reentrant=False)  # (N, T', D)
+                x = checkpoint(blk, x, block_cond, use_reentrant=False)  # (N, T', D)
             else:
-                x = blk(x, cond)  # (N, T', D)
+                x = blk(x, block_cond)  # (N, T', D)
+            if i < pairs:
+                skipped.append(x)
         x = block_cls.uncondition(x)  # (N, T, D)
         x = self.final_layer(x, cond)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
@@ -253,23 +290,3 @@ class DiT(nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
-
-
-# ---------------------------------------------------------------------------------
-# Fixed 2-D sin-cos positional embedding (MAE's layout, as used by DiT)
-# ---------------------------------------------------------------------------------
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # w first, as the official code
-    grid = grid.reshape([2, 1, grid_size, grid_size])
-    emb_h = _1d_sincos(embed_dim // 2, grid[0])
-    emb_w = _1d_sincos(embed_dim // 2, grid[1])
-    return np.concatenate([emb_h, emb_w], axis=1)  # (T, D)
-
-
-def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
