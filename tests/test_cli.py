@@ -30,6 +30,23 @@ def test_ls_lists_every_registry():
         assert name in out
 
 
+def test_ls_lists_each_design_axis_value_and_each_section_field_with_its_default():
+    import dataclasses
+
+    from ablate.measure import MEASURES
+    from ablate.models import DESIGN_CHOICES, SWITCHES
+
+    rows = {tuple(line.split()[:2]) for line in CliRunner().invoke(main, ["ls", "choices"]).output.splitlines()}
+    for setting, registry in DESIGN_CHOICES.items():
+        assert {(setting, name) for name in registry.names()} <= rows
+    assert {(s, v) for s in SWITCHES for v in ("false", "true")} <= rows
+    fields = dict(tuple(line.split(maxsplit=1)) for line in
+                  CliRunner().invoke(main, ["ls", "settings"]).output.splitlines()[2:] if line.strip())
+    want = {f"{n}.{f.name}" for n, m in MEASURES.items() if m.settings for f in dataclasses.fields(m.settings)}
+    assert set(fields) == want
+    assert fields["fid.numerics"] == "train" and fields["train.sampler"] == "ddpm" and fields["timing.warmup"] == "3"
+
+
 def test_dry_run_writes_nothing_and_run_then_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     g = grid(tmp_path)
