@@ -334,3 +334,20 @@ def test_fid_settings_are_checked():
         with pytest.raises(ConfigError, match=message):
             resolve({"size": "T", "patch_size": 4, "data": DIGITS16, "measure": ["fid"], "fid": bad})
     assert dataclasses.asdict(TrainSettings())["ema_snapshots"] is True
+
+
+def test_an_extractor_is_named_by_its_weights_not_by_its_file(tmp_path):
+    """torch.save writes the file's name into its zip: the same weights saved under two names
+    (two machines' caches) differ in bytes, and must still give one label."""
+    from ablate.quality.extractors import file_digest, weights_digest
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4, 2))
+    a, b = tmp_path / "a.pt", tmp_path / "domain-digits16-v1-4405ff.pt"
+    torch.save({"state_dict": net.state_dict()}, a)
+    torch.save({"state_dict": net.state_dict()}, b)
+    assert file_digest(a) != file_digest(b)
+    da, db = (weights_digest(torch.load(p, weights_only=True)["state_dict"]) for p in (a, b))
+    assert da == db and len(da) == 64
+    with torch.no_grad():
+        net[1].bias[0] += 1e-7  # one value changed: another network
+    assert weights_digest(net.state_dict()) != da

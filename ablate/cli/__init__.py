@@ -25,7 +25,7 @@ def main():
     \b
     A grid file (YAML) names the cells: model sizes x patch sizes x conditioning blocks
     (adaln-zero, adaln, cross-attn, in-context) x seeds x any setting; each cell is measured
-    (flops, timing, train) and becomes one row of a results table.
+    (flops, timing, train, fid) and becomes one row of a results table.
 
     \b
     Start here:

@@ -67,4 +67,5 @@ def _grid_description(path) -> str:
 
 
 def _doc(obj) -> str:
-    return " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+    """The first paragraph of a docstring, on one line, without reST's double backticks."""
+    return " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")

@@ -16,7 +16,7 @@ SWITCHES = {"qk_norm": "RMSNorm over the head dim of q and k before attention (L
 def design_choices() -> list[tuple[str, str, str]]:
     """(setting, value, description) for every value of every design choice, defaults first."""
     def doc(obj) -> str:
-        return " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+        return " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")
 
     rows = [(setting, name, doc(obj)) for setting, reg in DESIGN_CHOICES.items() for name, obj in reg.items()]
     rows += [(setting, value, text if value == "true" else "off (DiT)")

@@ -42,6 +42,16 @@ class ExtractorUnavailable(RuntimeError):
     """An extractor's weights cannot be had here; ``str()`` is one line saying how to get them."""
 
 
+def weights_digest(state_dict: dict) -> str:
+    """sha256 of a network's tensors (names, dtypes, shapes and values, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -347,7 +357,9 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
         print(f"warning: {path}: unreadable cached extractor ({one_line(e, with_type=True)[:160]}); kept as "
               f"{aside.name}, training it again", file=sys.stderr, flush=True)
         return domain(dataset_cfg, progress=progress)
-    digest = file_digest(path)
+    # Named by its weights, not its file's bytes: torch.save writes the file's own name into
+    # the zip, so the same network saved on two machines has two file digests.
+    digest = weights_digest(saved["state_dict"])
     label = f"domain-{tag}-v{RECIPE_VERSION}-{digest[:8]}"
     return Extractor("domain", register_domain_extractor(), path, label, digest, saved["config"]["channels"],
                      {"accuracy": saved["accuracy"]})
