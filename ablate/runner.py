@@ -209,6 +209,10 @@ class Runner:
         """Whether the step's stored result stands: ok, or failed and not to be retried, or
         retried by another runner since this one started. Counts it if so."""
         res = self.store.result(step.key)
+        problem = _stored_problem(res, step) if res is not None and res["status"] == "ok" else None
+        if problem:
+            self.store.discard_result(step.key, problem)
+            return False
         retried_since = res is not None and res.get("finished", "") >= self.started
         if res is None or (res["status"] == "failed" and self.retry_failed and not retried_since):
             return False
@@ -278,6 +282,27 @@ class RunStopped(RuntimeError):
 
 class MetricNameClash(ValueError):
     """A metric named like a setting column or like another measurement's metric in the cell."""
+
+
+def _stored_problem(res: dict, step: CellMeasurement) -> str | None:
+    """Why a stored ok result cannot be what its measurement returned: a declared column
+    that is not a number (nor text, where declared so), or a metric named like a setting
+    (which ``_check_metrics`` refuses when measuring)."""
+    m = MEASURES.get(step.name)
+    metrics = res["metrics"]
+    for col in m.columns:
+        v = metrics.get(col)
+        if v is None:
+            continue  # not measured (an older record), shown empty
+        if col in m.text_columns:
+            if not isinstance(v, str):
+                return f"metric {col} is {str(v)[:40]!r}, not text"
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"metric {col} is {str(v)[:40]!r}, not a number"
+    clash = sorted(set(metrics) & set(flatten(step.config)))
+    if clash:
+        return f"metric {clash[0]!r} is also the name of a setting"
+    return None
 
 
 def _check_metrics(metrics: dict, step: CellMeasurement, store: Store) -> None:

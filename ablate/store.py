@@ -47,7 +47,7 @@ MAX_RECORD_BYTES = 256 * 2**20
 MAX_DEPTH = 64  # nesting of a record: settings sections and metric lists are a few levels deep
 
 
-ENTRIES = ("cells", "measurements", "work", "locks", "slurm", "table.csv", "table.md")  # all the store writes
+ENTRIES = ("cells", "measurements", "work", "locks", "slurm", "tensorboard", "table.csv", "table.md")  # all a run writes
 
 
 class StoreError(OSError):
@@ -213,6 +213,11 @@ class Store:
                 return obj
         self._unreadable(path, problem, what)
         return None
+
+    def discard_result(self, key: str, problem: str) -> None:
+        """A result that reads as a record but cannot be its measurement's (``run`` checks
+        its metrics): set aside as unreadable ones are, and measured again."""
+        self._unreadable(self.result_path(key), problem, "it is measured again")
 
     def _unreadable(self, path: Path, problem: str, what: str) -> None:
         if path in self._reported:

@@ -434,3 +434,27 @@ def test_one_deep_merge_in_the_package():
     package = Path(__file__).parent.parent / "ablate"
     defs = [p for p in package.rglob("*.py") if "def deep_merge" in p.read_text() or "def _deep_merge" in p.read_text()]
     assert [p.name for p in defs] == ["settings.py"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"gflops": "lots"}, "metric gflops is 'lots', not a number"),
+    ({"gflops": True}, "metric gflops is 'True', not a number"),
+    ({"seed": 5}, "metric 'seed' is also the name of a setting"),
+])
+def test_a_stored_result_whose_metrics_its_measurement_could_not_return_is_measured_again(tmp_path, edit, words):
+    """A record that reads as a result but holds what the measurement never returns (a text
+    where it declares a number, a metric named like a setting) is set aside by run and
+    measured again: the table never shows it."""
+    grid = put(tmp_path / "g.yaml", "name: g\nbase: {model: DiT-T/4, data: {name: digits, image_size: 8}, "
+                                    "measure: [flops]}\n")
+    results = tmp_path / "r"
+    assert CliRunner().invoke(main, ["run", str(grid), "--results", str(results), "--no-progress"]).exit_code == 0
+    record, = (results / "measurements").glob("flops-*.json")
+    stored = json.loads(record.read_text())
+    gflops = stored["metrics"]["gflops"]
+    stored["metrics"].update(edit)
+    record.write_text(json.dumps(stored))
+    r = CliRunner().invoke(main, ["run", str(grid), "--results", str(results), "--no-progress"])
+    assert r.exit_code == 0 and words in r.output and "1 measured, 0 reused" in r.output
+    assert json.loads(record.read_text())["metrics"]["gflops"] == gflops
+    assert json.loads(record.with_name(record.name + ".corrupt").read_text())["metrics"] == stored["metrics"]

@@ -282,10 +282,18 @@ def test_live_logs_are_never_written_through_a_symbolic_link(tmp_path):
     g = grid(tmp_path, "{steps: 5, batch_size: 8, precision: fp32, eval_samples: 0}")
     results = tmp_path / "results"
     (results / "elsewhere").mkdir(parents=True)
-    (results / "tensorboard").symlink_to(results / "elsewhere")  # inside the folder, so the store allows it
-    r = run_cli("run", g, "--results", results, "--no-progress")
-    assert r.returncode == 1
-    assert "train: " in r.stderr and "a symbolic link; live logs are written only into real folders" in r.stderr
+    (results / "tensorboard").symlink_to(results / "elsewhere")
+    r = run_cli("run", g, "--results", results, "--no-progress")  # refused up front, as a link at cells/ is
+    assert r.returncode == 2 and "tensorboard is a symbolic link" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert list((results / "elsewhere").iterdir()) == [] and not (results / "cells").exists()
+    # A link planted below it, once the run is under way, fails the cell, never written through.
+    (results / "tensorboard").unlink()
+    (results / "tensorboard").mkdir()
+    from ablate.watch import Target
+
+    (results / "tensorboard" / "cell").symlink_to(results / "elsewhere")
+    with pytest.raises(OSError, match="a symbolic link; live logs are written only into real folders"):
+        Target(results, "cell", "train-0123456789ab", "g").logdir()
     assert list((results / "elsewhere").iterdir()) == []
 
 

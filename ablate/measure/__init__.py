@@ -47,7 +47,7 @@ class Measurement:
     settings: type | None = None  # dataclass of the section named like the measurement
     uses: tuple[str, ...] = MODEL_KEYS  # cell settings that change the result
     needs: tuple[str, ...] = ()  # measurements whose results this one reads
-    columns: tuple[str, ...] = ()  # metrics shown by default in tables
+    columns: tuple[str, ...] = ()  # metrics shown by default in tables: numbers, but for text_columns
     doc: str = ""
     # Under torchrun, run on every rank (each doing its share; the leader's result is stored)
     # rather than on rank 0 alone: ablate.torchrun.
@@ -58,6 +58,7 @@ class Measurement:
     # Fields of its section renamed after results were stored, old name -> new: the old
     # spelling is still read (with a note), and keys hash the field under its old name.
     renamed: dict = field(default_factory=dict, hash=False)
+    text_columns: tuple[str, ...] = ()  # the columns whose values are text (a label)
 
 
 MEASURES: Registry[Measurement] = Registry("measurement")
@@ -65,7 +66,8 @@ MEASURES: Registry[Measurement] = Registry("measurement")
 
 def register_measure(name: str, *, settings: type | None = None, uses: tuple[str, ...] = MODEL_KEYS,
                      needs: tuple[str, ...] = (), columns: tuple[str, ...] = (), distributed: bool = False,
-                     rank_problem: Callable | None = None, renamed: dict | None = None):
+                     rank_problem: Callable | None = None, renamed: dict | None = None,
+                     text_columns: tuple[str, ...] = ()):
     """Decorator: ``@register_measure("flops", columns=("gflops",))`` on ``fn(cell, progress=True) -> dict``.
 
     ``distributed=True``: under torchrun every rank calls ``fn`` (it splits its work with
@@ -80,7 +82,7 @@ def register_measure(name: str, *, settings: type | None = None, uses: tuple[str
                                  f"{other_name!r}; prefix the metric with the measurement's name")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MEASURES.register(name, Measurement(name, fn, settings, tuple(uses), tuple(needs), tuple(columns), doc,
-                                            distributed, rank_problem, dict(renamed or {})))
+                                            distributed, rank_problem, dict(renamed or {}), tuple(text_columns)))
         return fn
 
     return add

@@ -60,7 +60,7 @@ RENAMED = {"precision": "numerics"}
 
 
 @register_measure("fid", settings=FidSettings, uses=MODEL_KEYS + ("seed",), needs=("train",),
-                  columns=("fid", "kid_mean", "precision", "recall", "fid_extractor"), distributed=True,
+                  columns=("fid", "kid_mean", "precision", "recall", "fid_extractor"), text_columns=("fid_extractor",), distributed=True,
                   renamed=RENAMED)
 def fid(cell, progress: bool = True) -> dict:
     """FID, KID, precision/recall of EMA samples (every snapshot: quality over steps)."""
