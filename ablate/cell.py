@@ -123,7 +123,8 @@ def resolve(settings: dict) -> dict:
     for k in top:
         if k not in top_fields:
             known = top_fields + sections
-            raise ConfigError(k, f"unknown setting{did_you_mean(k, known)}; known: {', '.join(known)}")
+            raise ConfigError(k if str(k).strip() else repr(k),  # an empty name is shown as ''
+                              f"unknown setting{did_you_mean(k, known)}; known: {', '.join(known)}")
     config = dataclasses.asdict(parse(CellSettings, top, ""))
     # Expand measurements' prerequisites (fid needs train) in dependency order.
     ordered: list[str] = []

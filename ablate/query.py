@@ -132,6 +132,8 @@ class _Evaluator:
             raise
         except RecursionError:
             raise QueryError("nested too deeply") from None
+        except OverflowError:
+            raise QueryError("a number beyond what a float holds (about 1.8e308)") from None
         except Exception as e:  # noqa: BLE001  -- a type mismatch such as block > 3
             raise QueryError(f"cannot evaluate: {type(e).__name__}: {' '.join(str(e).split())}") from None
         if not (isinstance(value, pd.Series) and pd.api.types.is_bool_dtype(value)):

@@ -72,7 +72,10 @@ def type_name(hint: Any) -> str:
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin in (list, tuple):
-        return f"a list of {type_name(typing.get_args(hint)[0])}"
+        inner = type_name(typing.get_args(hint)[0])
+        plural = {"an integer": "integers", "a number": "numbers", "a string": "strings",
+                  "a mapping": "mappings", "true or false": "true/false values"}
+        return f"a list of {plural.get(inner, inner)}"
     if hint is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -169,13 +172,15 @@ def parse(cls: type, value: Any, key: str) -> Any:
     kwargs = {}
     for name, v in value.items():
         if name not in fields:
-            raise ConfigError(f"{key}.{name}" if key else name,
+            shown_name = name if str(name).strip() else repr(name)  # an empty name is shown as ''
+            raise ConfigError(f"{key}.{shown_name}" if key else shown_name,
                               f"unknown setting{did_you_mean(name, fields)}; known: {', '.join(fields)}")
         hint = hints[name]
         if float in _flat_args(hint):
             v = _coerce_float(v)
         if not type_ok(v, hint):
-            raise ConfigError(f"{key}.{name}" if key else name, type_error(v, hint))
+            shown_name = name if str(name).strip() else repr(name)  # an empty name is shown as ''
+            raise ConfigError(f"{key}.{shown_name}" if key else shown_name, type_error(v, hint))
         kwargs[name] = v
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)

@@ -61,7 +61,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from official import OfficialStep, official_sample  # noqa: E402
 
 from ablate.diffusion import MIN_SAMPLE_STEPS, create_diffusion  # noqa: E402
-from ablate.measure.peak import matmul_peak_tflops  # noqa: E402
+from ablate.measure.matmul_peak import matmul_peak_tflops  # noqa: E402
 from ablate.models import SIZES, create_model, dit_kwargs  # noqa: E402
 from ablate.precision import TRUE_BF16, resolve_precision, synchronize  # noqa: E402
 from ablate.settings import one_line  # noqa: E402

@@ -92,6 +92,17 @@ def test_empty_or_root_folders_are_refused_and_nothing_is_written(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.yaml"]
 
 
+def test_kernel_folders_and_control_characters_in_folder_names_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = grid(tmp_path)
+    for args, words in ((["run", str(g), "--results", "/proc/self"], "under /proc"),
+                        (["table", "--results", "/sys/kernel"], "under /sys"),
+                        (["run", str(g), "--results", "a\nb"], "control or invisible character"),
+                        (["report", str(g), "--out", "r\u200bx"], "control or invisible character")):
+        one_line(CliRunner().invoke(main, args), f"error: {args[-2]} ", words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.yaml"]
+
+
 def test_wait_and_worker_are_checked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     g = grid(tmp_path)

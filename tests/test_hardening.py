@@ -220,6 +220,12 @@ def test_queries_that_would_run_for_hours_or_fill_the_memory_are_refused_at_once
     assert all(line.startswith("0.0 ") and ("at most" in line or "formats it" in line) for line in lines), lines
 
 
+def test_a_float_beyond_its_range_is_said_in_words(tmp_path):
+    df = pd.DataFrame({"gflops": [6.0]})
+    with pytest.raises(QueryError, match=r"^a number beyond what a float holds"):
+        filter_rows(df, "2.0 ** 10000 > gflops")
+
+
 def test_queries_within_the_bounds_still_work():
     df = pd.DataFrame({"model": ["ab", "b"], "n": [1, 2]})
     assert filter_rows(df, "model * 2 == 'abab'")["n"].tolist() == [1]

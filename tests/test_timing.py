@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ablate.measure.peak import matmul_peak_tflops
+from ablate.measure.matmul_peak import matmul_peak_tflops
 from ablate.precision import native_bf16, resolve_precision
 from ablate.measure.timing import TimingSettings, _peak_mb, _reset_peak, time_model
 from ablate.settings import ConfigError, parse

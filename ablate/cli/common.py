@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import unicodedata
 from pathlib import Path
 
 import click
@@ -65,8 +66,13 @@ def folder_option(ctx, param, value: str | None) -> str | None:
     option = param.opts[0]
     if not value.strip():
         fail(f"{option} {value!r}: an empty path; name a folder")
-    if Path(value).resolve() == Path(Path(value).resolve().anchor):
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in value):
+        fail(f"{option} {value!r}: a control or invisible character in a folder name; name it plainly")
+    real = Path(value).resolve()
+    if real == Path(real.anchor):
         fail(f"{option} {value}: the root of the file system; name a folder of its own")
+    if real.parts[1:2] in (("proc",), ("sys",)):
+        fail(f"{option} {value}: under /{real.parts[1]}, the kernel's own files; name a folder of your own")
     blocked = _file_above(Path(value))
     if blocked is not None:
         fail(f"{option} {value}: {blocked} is a file, not a folder")

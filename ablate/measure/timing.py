@@ -21,7 +21,7 @@ from . import MODEL_KEYS, register_measure
 from ..precision import precision_context, synchronize
 from ..step import (StepOptions, TrainStep, compile_blocks, compiled, fresh_compiles,
                     peak_memory_mb as _peak_mb, reset_peak_memory as _reset_peak)
-from .peak import matmul_peak_tflops
+from .matmul_peak import matmul_peak_tflops
 
 MODES = ("forward", "train")
 
