@@ -236,29 +236,38 @@ def remove_stale_temps(path: str | Path, *, older_than_s: float = STALE_AFTER_S)
     removed = []
     try:
         with folder(path) as d:
-            for name in os.listdir(d):
-                if not TEMP.fullmatch(name):
-                    continue
-                try:
-                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=d)
-                except OSError:
-                    continue  # a link or gone
-                try:
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < older_than_s:
-                        continue
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        continue  # its writer is still writing
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=d)
-                        removed.append(name)
-                finally:
-                    os.close(fd)
+            for name in _abandoned(d, TEMP, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, older_than_s, regular=True):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=d)
+                    removed.append(name)
     except (FileNotFoundError, NotADirectoryError, LinkError):
         pass
     return removed
+
+
+def _abandoned(dirfd: int, pattern: re.Pattern, flags: int, older_than_s: float, *,
+               regular: bool = False) -> Iterator[str]:
+    """The entries of ``dirfd`` named by ``pattern`` that no writer holds: not modified for
+    ``older_than_s`` and their ``flock`` free (taken while the name is yielded). Links are
+    never opened through (``flags`` carry ``O_NOFOLLOW`` or ``O_DIRECTORY|O_NOFOLLOW``)."""
+    for name in os.listdir(dirfd):
+        if not pattern.fullmatch(name):
+            continue
+        try:
+            fd = os.open(name, flags, dir_fd=dirfd)
+        except OSError:
+            continue  # a link, another kind of file, or gone
+        try:
+            st = os.fstat(fd)
+            if (regular and not stat.S_ISREG(st.st_mode)) or time.time() - st.st_mtime < older_than_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is still writing
+            yield name
+        finally:
+            os.close(fd)
 
 
 def write_new(dirfd: int, name: str, data: bytes) -> None:
@@ -309,24 +318,9 @@ def remove_stale_folders(path: Path, *, older_than_s: float = STALE_AFTER_S) -> 
     pattern = re.compile(re.escape(temp_name(path.name)[:-len(".12345678.tmp")]) + r"\.[0-9a-f]{8}\.tmp")
     try:
         with folder(path.parent) as parent:
-            for name in os.listdir(parent):
-                if not pattern.fullmatch(name):
-                    continue
-                try:
-                    fd = os.open(name, _DIR, dir_fd=parent)
-                except OSError:
-                    continue  # a link, a file, or gone
-                try:
-                    if time.time() - os.fstat(fd).st_mtime < older_than_s:
-                        continue
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        continue
-                    _rmtree(parent, name)
-                    removed.append(name)
-                finally:
-                    os.close(fd)
+            for name in _abandoned(parent, pattern, _DIR, older_than_s):
+                _rmtree(parent, name)
+                removed.append(name)
     except (FileNotFoundError, NotADirectoryError, LinkError):
         pass
     return removed

@@ -78,3 +78,14 @@ def probe_grid(tmp_path, axes: str, probe: str = "{}", extra: str = "") -> Path:
           probe: {probe}
         """) + extra)
     return p
+
+
+def checkpoint_step(results: Path) -> int:
+    """The step of the training checkpoint in a results folder (0 while there is none or it
+    is being replaced): what a test waits for before it kills a run."""
+    for p in (results / "work").glob("train-*/checkpoint.pt") if (results / "work").exists() else []:
+        try:
+            return torch.load(p, weights_only=False)["step"]
+        except (OSError, RuntimeError, EOFError):
+            return 0
+    return 0

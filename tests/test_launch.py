@@ -16,8 +16,7 @@ from ablate.results import pending
 from ablate.settings import ConfigError
 from ablate.cell import cell_id as _id
 from ablate.store import Store
-from conftest import probe_grid
-
+from conftest import checkpoint_step, probe_grid
 
 
 def start(grid, results, log, *extra, **kw):
@@ -230,14 +229,6 @@ def _lock_pid(results: Path, prefix: str) -> int | None:
     return None
 
 
-def _checkpoint_step(results: Path) -> int:
-    import torch
-
-    for p in (results / "work").glob("train-*/checkpoint.pt") if (results / "work").exists() else []:
-        try:
-            return torch.load(p, weights_only=False)["step"]
-        except (OSError, RuntimeError, EOFError):
-            return 0
     return 0
 
 
@@ -269,13 +260,13 @@ def test_submitit_task_preempted_then_killed_resumes_its_training(tmp_path):
             assert time.time() < deadline and proc.poll() is None, f"waiting for {what}: {proc.poll()}"
             time.sleep(0.05)
 
-    wait_for(lambda: _checkpoint_step(results) >= 20 and _lock_pid(results, "train"), "a checkpoint")
+    wait_for(lambda: checkpoint_step(results) >= 20 and _lock_pid(results, "train"), "a checkpoint")
     first = _lock_pid(results, "train")
     os.kill(first, signal.SIGUSR2)  # pre-emption: submitit checkpoints and requeues the task
-    preempted_at = _checkpoint_step(results)
+    preempted_at = checkpoint_step(results)
     wait_for(lambda: _lock_pid(results, "train") not in (None, first)
-             and _checkpoint_step(results) >= preempted_at + 20, "the requeued task")
-    assert _checkpoint_step(results) < 300
+             and checkpoint_step(results) >= preempted_at + 20, "the requeued task")
+    assert checkpoint_step(results) < 300
     os.kill(_lock_pid(results, "train"), signal.SIGKILL)  # lost: no signal to checkpoint on
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err

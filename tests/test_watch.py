@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import run_cli
+from conftest import checkpoint_step, run_cli
 
 from ablate.cli import main
 
@@ -62,12 +61,6 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def checkpoint_step(results: Path) -> int:
-    for p in (results / "work").glob("train-*/checkpoint.pt") if (results / "work").exists() else []:
-        try:
-            return torch.load(p, weights_only=False)["step"]
-        except (OSError, RuntimeError, EOFError):
-            return 0
     return 0
 
 

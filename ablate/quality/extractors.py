@@ -339,7 +339,7 @@ def domain(dataset_cfg: dict | None = None, *, progress: bool = False) -> Extrac
         if data.mapped or data.channels not in (1, 3):
             raise ValueError(f"dataset {cfg['name']!r} holds latents, not images: no domain extractor; "
                              "decode them to images first")
-        net, accuracy = train_domain_cnn(data, progress=progress)
+        net, accuracy = train_domain_cnn(data, RECIPE, progress=progress)  # the recipe the file is named by
         config = {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes,
                   "width": RECIPE["width"], "features": RECIPE["features"]}
         state = {"config": config, "state_dict": net.state_dict(), "accuracy": accuracy, "recipe": RECIPE,
