@@ -2,6 +2,7 @@
 or as SLURM tasks (``--launcher submitit``)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -325,7 +326,12 @@ def _run_here(g, store, device, only, retry_failed: bool, progress: bool, wait_s
     except KeyboardInterrupt:  # 130, as a shell reports SIGINT: not 1, which means a failed cell
         click.echo(f"\ninterrupted: finished measurements are kept in {store.root}; run again to resume",
                    err=True)
-        sys.exit(130)
+        # Every record and checkpoint is already whole on disk (atomic writes). End now, with
+        # 130: unwinding the interpreter (joining a live-log writer's thread) can raise the
+        # interrupt again and end the process by SIGINT instead of this exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except RunStopped as e:
         store.write_tables(default_columns())
         fail(f"stopped: {e}; the failure is recorded and the other cells are left: run again to go on "
